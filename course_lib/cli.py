@@ -1,0 +1,172 @@
+"""The `course` command: doctor | lab | execute | bench | train | exercises build | grade."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+NOTEBOOK_DIR = Path("notebooks")
+
+
+def _version(package: str) -> str | None:
+    if importlib.util.find_spec(package) is None:
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version({"course_lib": "accelerated-generation"}.get(package, package))
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def doctor(args: argparse.Namespace) -> int:
+    """Print the environment; exit 1 with advice when something the course needs is missing."""
+    problems: list[str] = []
+    print(f"python        {platform.python_version()} ({sys.executable})")
+    if sys.version_info < (3, 10):
+        problems.append("Python >= 3.10 is needed: install a newer Python")
+    for package, need in [("torch", "2.4"), ("transformers", "5.0"), ("tokenizers", None), ("safetensors", None),
+                          ("accelerate", None), ("matplotlib", None), ("ipywidgets", None), ("nbval", None),
+                          ("jupyterlab", None)]:
+        found = _version(package)
+        print(f"{package:<13} {found or 'MISSING'}")
+        if found is None:
+            optional = package in ("nbval", "jupyterlab")
+            advice = 'pip install -e ".[dev]"' if optional else 'pip install -e .'
+            problems.append(f"{package} is missing: {advice}")
+        elif need and found != "unknown" and tuple(map(int, found.split(".")[:2])) < tuple(map(int, need.split("."))):
+            problems.append(f"{package} {found} is too old: the course needs >= {need}")
+    if _version("torch") and _version("transformers"):
+        problems += _check_models()
+    from course_lib.models import _hub_reachable
+
+    print(f"hub           {'reachable' if _hub_reachable() else 'NOT reachable (offline): bundled models only'}")
+    if problems:
+        print("\nProblems:")
+        for p in problems:
+            print(f"  - {p}")
+        return 1
+    print("\nAll good: run `course lab` to open the course.")
+    return 0
+
+
+def _check_models() -> list[str]:
+    import torch
+
+    from course_lib.devices import describe_environment
+    from course_lib.models import BUNDLED_MODELS, load_model
+
+    print(f"environment   {describe_environment()}")
+    print(f"threads       {torch.get_num_threads()}")
+    problems = []
+    for name in BUNDLED_MODELS:
+        try:
+            start = time.perf_counter()
+            model, _ = load_model(name, device="cpu")
+            seconds = time.perf_counter() - start
+            params = sum(p.numel() for p in model.parameters())
+            print(f"model         {name}: {type(model).__name__}, {params / 1e6:.2f} M params, loaded in {seconds:.2f} s")
+        except Exception as e:  # report every broken model, not only the first
+            problems.append(f"bundled model {name!r} does not load ({type(e).__name__}: {e}); reinstall the package")
+    return problems
+
+
+def lab(args: argparse.Namespace) -> int:
+    """Open the notebooks in JupyterLab."""
+    return subprocess.call([sys.executable, "-m", "jupyter", "lab", str(args.folder)])
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Run every notebook headless (static widgets), in place or into --out."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    os.environ["COURSE_STATIC"] = "1"  # no front end draws widgets here: store the static result
+    paths = args.notebooks or sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    if not paths:
+        print(f"no notebooks found in {NOTEBOOK_DIR.resolve()}; run from the course checkout or pass paths")
+        return 1
+    failed = 0
+    for path in map(Path, paths):
+        nb = nbformat.read(path, as_version=4)
+        start = time.perf_counter()
+        try:
+            NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+                           resources={"metadata": {"path": str(path.parent)}}).execute()
+            status = "ok"
+        except Exception as e:  # one broken notebook should not hide the state of the others
+            status, failed = f"FAILED: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}", failed + 1
+        target = path if args.inplace else Path(args.out) / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, target)
+        print(f"{path.name:<45} {time.perf_counter() - start:6.1f} s  {status}")
+    return 1 if failed else 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Load time, and new tokens/s of the storyteller with and without the KV cache."""
+    from course_lib.devices import describe_environment, seed_everything
+    from course_lib.models import load_model
+    from course_lib.timing import compare
+
+    print(describe_environment(args.device))
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model, device=args.device)
+    print(f"load {args.model}: {time.perf_counter() - start:.2f} s")
+    seed_everything(0)
+    inputs = tokenizer(["Once upon a time"], return_tensors="pt").to(model.device)
+    settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    table = compare({
+        "no KV cache": lambda: model.generate(**inputs, **settings, use_cache=False),
+        "KV cache": lambda: model.generate(**inputs, **settings, use_cache=True),
+    }, new_tokens=args.new_tokens, repeats=args.repeats, device=model.device)
+    print(table.to_markdown())
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from course_lib.train import main as train_main
+
+    train_main(args.rest)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="course", description="Accelerated Generation: the course's command line.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("doctor", help="check the environment and the bundled models").set_defaults(func=doctor)
+    p = sub.add_parser("lab", help="open the notebooks in JupyterLab")
+    p.add_argument("folder", nargs="?", default=NOTEBOOK_DIR)
+    p.set_defaults(func=lab)
+    p = sub.add_parser("execute", help="run every notebook headless")
+    p.add_argument("notebooks", nargs="*", help="notebooks to run (default: notebooks/NN_*.ipynb)")
+    p.add_argument("--inplace", action="store_true", help="store the outputs in the notebooks themselves")
+    p.add_argument("--out", default="executed", help="folder for executed copies (default: executed/)")
+    p.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell")
+    p.set_defaults(func=execute)
+    p = sub.add_parser("bench", help="tokens/s with and without the KV cache")
+    p.add_argument("--model", default="storyteller")
+    p.add_argument("--device", default=None)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=bench)
+    p = sub.add_parser("train", help="train the bundled tokenizer/models (see python -m course_lib.train -h)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

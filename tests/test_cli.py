@@ -1,0 +1,55 @@
+"""The `course` command line: doctor, execute, bench, and the wiring of its subcommands."""
+import subprocess
+import sys
+
+import nbformat
+import pytest
+
+from course_lib import cli, models
+
+
+def test_doctor_passes_with_bundled_models(capsys):
+    assert cli.main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for name in models.BUNDLED_MODELS:
+        assert f"model         {name}:" in out
+    assert "hub" in out and "All good" in out
+
+
+def test_doctor_fails_with_advice_when_a_model_is_missing(monkeypatch, capsys):
+    monkeypatch.setitem(models.BUNDLED_MODELS, "ghost", "a model whose weights are not there")
+    assert cli.main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "bundled model 'ghost' does not load" in out and "Problems:" in out
+
+
+def test_execute_stores_outputs_and_reports_failures(tmp_path, capsys):
+    good, bad = tmp_path / "00_good.ipynb", tmp_path / "01_bad.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import os; print(6 * 7, os.environ['COURSE_STATIC'])")]), good)
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 / 0")]), bad)
+    out_dir = tmp_path / "executed"
+    assert cli.main(["execute", str(good), str(bad), "--out", str(out_dir)]) == 1
+    cell = nbformat.read(out_dir / "00_good.ipynb", as_version=4).cells[0]
+    assert cell.outputs[0]["text"] == "42 1\n"
+    report = capsys.readouterr().out
+    assert "00_good.ipynb" in report and "ok" in report and "FAILED: CellExecutionError" in report
+    assert nbformat.read(good, as_version=4).cells[0].outputs == []  # the source is untouched without --inplace
+
+
+def test_bench_prints_a_side_by_side_table(capsys):
+    assert cli.main(["bench", "--model", "draft", "--new-tokens", "8", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| no KV cache |" in out and "| KV cache |" in out and "1.00x" in out
+
+
+def test_module_entry_point_matches_console_script():
+    result = subprocess.run([sys.executable, "-m", "course_lib", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("doctor", "lab", "execute", "bench", "train"):
+        assert command in result.stdout
+
+
+def test_unknown_subcommand_is_rejected():
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fly"])
+    assert exit_info.value.code == 2
