@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from course_lib.grading.cli import register as register_grading
+
 NOTEBOOK_DIR = Path("notebooks")
 
 
@@ -160,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=train)
+    register_grading(sub)  # exercises build | grade
     return parser
 
 

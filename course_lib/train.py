@@ -156,13 +156,20 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
     raise ValueError(f"unknown arch {cfg.arch!r}; allowed: 'gpt2', 'llama'")
 
 
+def eval_windows(ids: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping (input, target) windows over ``ids``, targets shifted by one: (N, T) each."""
+    n_windows = (len(ids) - 1) // context
+    x = ids[: n_windows * context].view(n_windows, context)  # (N, T)
+    y = ids[1 : n_windows * context + 1].view(n_windows, context)  # (N, T)
+    return x, y
+
+
 @torch.no_grad()
 def heldout_loss(model, ids: torch.Tensor, context: int = 256, batch_size: int = 16) -> tuple[float, int]:
     """Mean next-token loss (nats/token) over non-overlapping windows of ``ids``; also the token count."""
     model.eval()
-    n_windows = (len(ids) - 1) // context
-    x_all = ids[: n_windows * context].view(n_windows, context)  # (N, T)
-    y_all = ids[1 : n_windows * context + 1].view(n_windows, context)  # (N, T)
+    x_all, y_all = eval_windows(ids, context)  # (N, T) each
+    n_windows = len(x_all)
     total, count = 0.0, 0
     for i in range(0, n_windows, batch_size):
         x, y = x_all[i : i + batch_size], y_all[i : i + batch_size]
@@ -180,34 +187,54 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the parameters that require grad; matrices decay, biases and norm gains do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95),
+    )
+
+
+def random_windows(ids: torch.Tensor, context: int, batch_size: int,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` random windows of the stream: inputs and next-token targets, (B, T) each."""
+    if len(ids) < context + 2:
+        raise ValueError(f"the token stream has {len(ids)} tokens; windows of context {context} need at least {context + 2}")
+    starts = torch.randint(0, len(ids) - context - 1, (batch_size,), generator=gen)
+    window = ids[starts[:, None] + torch.arange(context + 1)]  # (B, T+1)
+    return window[:, :-1], window[:, 1:]
+
+
+def train_step(model, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, lr: float,
+               bf16: bool = True) -> torch.Tensor:
+    """One optimizer step on the next-token loss of ``x`` -> ``y`` (B, T); returns the loss (detached)."""
+    model.train()
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=x).logits  # (B, T, vocab)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # frozen parameters (grad None) are skipped
+    opt.step()
+    return loss.detach()
+
+
 def train_model(cfg: TrainConfig, train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_size: int, eos_id: int):
     """Train for ``cfg.steps`` steps on random windows of the training stream; returns (model, log)."""
     model = build_model(cfg, vocab_size, eos_id)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95),
-    )
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    offsets = torch.arange(cfg.context + 1)
     log = []
     start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc=f"train {cfg.name}")
     for step in bar:
-        model.train()
-        starts = torch.randint(0, len(train_ids) - cfg.context - 1, (cfg.batch_size,), generator=gen)
-        window = train_ids[starts[:, None] + offsets]  # (B, T+1)
-        x, y = window[:, :-1], window[:, 1:]  # (B, T) each
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            logits = model(input_ids=x).logits  # (B, T, vocab)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        x, y = random_windows(train_ids, cfg.context, cfg.batch_size, gen)
+        loss = train_step(model, opt, x, y, lr_at(step, cfg), cfg.bf16)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             val, _ = heldout_loss(model, val_ids, cfg.context)
             log.append({"step": step + 1, "train_loss": round(loss.item(), 4), "val_loss": round(val, 4),

@@ -45,7 +45,7 @@ def test_bench_prints_a_side_by_side_table(capsys):
 def test_module_entry_point_matches_console_script():
     result = subprocess.run([sys.executable, "-m", "course_lib", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("doctor", "lab", "execute", "bench", "train"):
+    for command in ("doctor", "lab", "execute", "bench", "train", "exercises", "grade"):
         assert command in result.stdout
 
 

@@ -1,0 +1,118 @@
+"""Search decoding: greedy search and beam search, token for token what ``model.generate`` does.
+
+    ids = greedy_search(model, input_ids, attention_mask, max_new_tokens=40)
+    out = beam_search(model, input_ids, attention_mask, num_beams=4, max_new_tokens=40, length_penalty=1.0,
+                      early_stopping=False, num_return_sequences=2)
+    out.sequences, out.scores        # (B * 2, T + new) ids, (B * 2,) length-penalised log-probabilities
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from course_lib.decoding.beam import BeamConfig, StepRecord, beam_step, best_hypotheses, init_beams, search_done
+from course_lib.decoding.loop import (
+    Criterion, Processor, check_prompt, decode_step, drop_full_mask, generate, greedy_select, grow, new_cache,
+    prefill, special_ids,
+)
+from course_lib.decoding.stopping import EosStop, MaxNewTokens, any_stop
+
+
+def greedy_search(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, *,
+                  max_new_tokens: int, processors: Sequence[Processor] = (), stopping: Sequence[Criterion] = (),
+                  eos_token_id=None, pad_token_id=None) -> torch.LongTensor:
+    """Always take the most likely next token: (B, T) -> (B, T + new). Deterministic, and prone to loops."""
+    return generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, processors=processors,
+                    select=greedy_select, stopping=stopping, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+@dataclass
+class BeamSearchOutput:
+    """What beam search returns; ``scores`` are transformers' ``sequences_scores``."""
+
+    sequences: torch.LongTensor  # (B * R, T + new) best hypotheses, R per prompt, best first
+    scores: torch.Tensor  # (B * R,) sum of token log-probs / new_len ** length_penalty
+    tree: list[StepRecord] | None = None  # every step's candidates, when asked for (record_tree=True)
+
+
+def check_beam_args(num_beams, num_return_sequences, max_new_tokens, length_penalty, early_stopping) -> None:
+    """Clear errors for the beam settings transformers would refuse (or silently misuse)."""
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+    if not isinstance(num_return_sequences, int) or not 1 <= num_return_sequences <= num_beams:
+        raise ValueError(f"num_return_sequences must be between 1 and num_beams={num_beams}, "
+                         f"got {num_return_sequences!r}: beam search only keeps num_beams hypotheses")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"beam search needs max_new_tokens >= 1, got {max_new_tokens!r}")
+    if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool):
+        raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+
+
+class BeamDecoder:
+    """The model side of beam search: a KV cache for B * K rows, reordered to follow the surviving beams."""
+
+    def __init__(self, model, input_ids: torch.LongTensor, attention_mask, num_beams: int):
+        self.model, self.K = model, num_beams
+        self.cache = new_cache(model)
+        mask = drop_full_mask(attention_mask)
+        self.mask = None if mask is None else mask.repeat_interleave(num_beams, dim=0)  # (B*K, T)
+        self.logits = prefill(model, input_ids.repeat_interleave(num_beams, dim=0), self.mask, self.cache)
+
+    def advance(self, parents: torch.LongTensor, running: torch.LongTensor, cur_len: int) -> None:
+        """Reorder the cache so row b*K + k holds beam k's parent, then feed each beam's newest token."""
+        B = parents.shape[0]
+        offsets = torch.arange(B, device=parents.device)[:, None] * self.K
+        self.cache.reorder_cache((parents + offsets).flatten())  # (B*K,)
+        self.mask = grow(self.mask)
+        newest = running[:, :, cur_len].reshape(-1, 1)  # (B*K, 1)
+        self.logits = decode_step(self.model, newest, self.mask, self.cache)
+
+
+def setup_search(model, input_ids, attention_mask, max_new_tokens, stopping, eos_token_id, pad_token_id):
+    """Checks, EOS ids, the id that fills ended hypotheses, and one ``ids -> (N,) done`` stopping function."""
+    check_prompt(input_ids, attention_mask, max_new_tokens)
+    eos, pad = special_ids(model, eos_token_id, pad_token_id)
+    criteria = [MaxNewTokens(input_ids.shape[1], max_new_tokens), *stopping] + ([EosStop(eos)] if eos else [])
+    fill = pad if pad is not None else (eos[0] if eos else -1)  # what follows a hypothesis that ended early
+    return eos, fill, lambda ids: any_stop(criteria, ids, None)
+
+
+@torch.inference_mode()
+def beam_search(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, *,
+                num_beams: int, max_new_tokens: int, length_penalty: float = 1.0,
+                early_stopping: bool | str = False, num_return_sequences: int = 1,
+                processors: Sequence[Processor] = (), stopping: Sequence[Criterion] = (),
+                eos_token_id=None, pad_token_id=None, record_tree: bool = False) -> BeamSearchOutput:
+    """Keep the ``num_beams`` most probable partial sequences at every step (Graves 2012, arXiv:1211.3711).
+
+    ``length_penalty`` > 0 favours longer finished hypotheses, < 0 shorter ones. ``early_stopping``: True
+    stops a prompt once it has ``num_beams`` finished hypotheses; False stops when a heuristic says no
+    running beam can still win; "never" only when none can win in principle (the canonical algorithm).
+    """
+    check_beam_args(num_beams, num_return_sequences, max_new_tokens, length_penalty, early_stopping)
+    eos, fill, stop = setup_search(model, input_ids, attention_mask, max_new_tokens, stopping, eos_token_id,
+                                   pad_token_id)
+    B, T = input_ids.shape
+    config = BeamConfig(num_beams, T, T + max_new_tokens, float(length_penalty), early_stopping, len(eos))
+    beams = init_beams(input_ids, config, fill)
+    decoder = BeamDecoder(model, input_ids, attention_mask, num_beams)
+    tree = [] if record_tree else None
+
+    for cur_len in range(T, T + max_new_tokens):
+        log_probs = torch.log_softmax(decoder.logits, dim=-1)  # (B*K, vocab)
+        running_ids = beams.running[:, :, :cur_len].flatten(0, 1)  # (B*K, cur_len)
+        for process in processors:
+            log_probs = process(running_ids, log_probs)
+        parents, record = beam_step(beams, log_probs.view(B, num_beams, -1), cur_len, config, stop)
+        if tree is not None:
+            tree.append(record)
+        if search_done(beams, config):
+            break
+        decoder.advance(parents, beams.running, cur_len)
+    best = best_hypotheses(beams.finished, beams.finished_scores, beams.finished_len, T, num_return_sequences)
+    return BeamSearchOutput(*best, tree=tree)

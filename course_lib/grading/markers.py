@@ -1,0 +1,103 @@
+"""The markers an exercise's source notebook uses, and how the student version is cut from it.
+
+A task cell hides its solution between two markers; the build replaces the block with a stub::
+
+    def top_p_filter(scores, top_p):
+        # BEGIN SOLUTION
+        ...the instructor's code...
+        # END SOLUTION
+
+A tests cell starts with ``# BEGIN TESTS`` and ends with ``# END TESTS``; its tests register themselves with
+``@test("q1", hint=...)``. Tests between ``# BEGIN HIDDEN`` and ``# END HIDDEN`` are removed from the student
+version and only run when grading. A check cell is a cell of ``check("q1")`` lines.
+"""
+
+from __future__ import annotations
+
+import re
+
+STUB = 'raise NotImplementedError("your code here: replace this line with your solution")'
+
+_BEGIN_SOLUTION, _END_SOLUTION = "# BEGIN SOLUTION", "# END SOLUTION"
+_BEGIN_HIDDEN, _END_HIDDEN = "# BEGIN HIDDEN", "# END HIDDEN"
+_BEGIN_TESTS, _END_TESTS = "# BEGIN TESTS", "# END TESTS"
+_CHECK_LINE = re.compile(r"""^check\(\s*(['"])\w+\1\s*\)\s*(#.*)?$""")
+_DEF_LINE = re.compile(r"^\s*def\s+(\w+)\s*\(")
+
+
+class MarkerError(ValueError):
+    """A cell's markers are unbalanced, nested or misplaced."""
+
+
+def cell_source(cell: dict) -> str:
+    """A notebook cell's text (nbformat allows a string or a list of lines)."""
+    source = cell.get("source", "")
+    return source if isinstance(source, str) else "".join(source)
+
+
+def _blocks(source: str, begin: str, end: str, where: str) -> list[tuple[int, int]]:
+    """(first, last) line numbers of each begin...end block, markers included."""
+    blocks, start = [], None
+    for number, line in enumerate(source.splitlines()):
+        marker = line.strip()
+        if marker == begin:
+            if start is not None:
+                raise MarkerError(f"{where}: line {number + 1}: '{begin}' inside another block (line {start + 1})")
+            start = number
+        elif marker == end:
+            if start is None:
+                raise MarkerError(f"{where}: line {number + 1}: '{end}' without a '{begin}' above it")
+            blocks.append((start, number))
+            start = None
+    if start is not None:
+        raise MarkerError(f"{where}: line {start + 1}: '{begin}' is never closed by '{end}'")
+    return blocks
+
+
+def strip_solutions(source: str, where: str = "cell") -> str:
+    """The source with each solution block replaced by a ``raise NotImplementedError`` stub."""
+    lines = source.splitlines()
+    for first, last in reversed(_blocks(source, _BEGIN_SOLUTION, _END_SOLUTION, where)):
+        indent = lines[first][: len(lines[first]) - len(lines[first].lstrip())]
+        if not indent:
+            # A stub at the top level of a cell would raise on "Run all" and stop every later cell.
+            raise MarkerError(f"{where}: line {first + 1}: put the solution block inside a function body")
+        lines[first:last + 1] = [indent + STUB]
+    return "\n".join(lines)
+
+
+def strip_hidden(source: str, where: str = "cell") -> str:
+    """The source without its hidden-test blocks."""
+    lines = source.splitlines()
+    for first, last in reversed(_blocks(source, _BEGIN_HIDDEN, _END_HIDDEN, where)):
+        while first > 0 and not lines[first - 1].strip():
+            first -= 1  # the blank lines above the block go too
+        del lines[first:last + 1]
+    return "\n".join(lines)
+
+
+def hidden_test_names(source: str, where: str = "cell") -> set[str]:
+    """Names of the test functions defined inside hidden blocks."""
+    lines = source.splitlines()
+    blocks = _blocks(source, _BEGIN_HIDDEN, _END_HIDDEN, where)
+    return {m.group(1) for first, last in blocks for line in lines[first:last] if (m := _DEF_LINE.match(line))}
+
+
+def is_tests_cell(source: str) -> bool:
+    """True for a cell whose first line is ``# BEGIN TESTS``."""
+    lines = source.strip().splitlines()
+    return bool(lines) and lines[0].strip() == _BEGIN_TESTS
+
+
+def check_tests_cell(source: str, where: str = "cell") -> None:
+    """Raise MarkerError unless a tests cell ends with ``# END TESTS`` and has no other tests markers."""
+    lines = [line.strip() for line in source.strip().splitlines()]
+    if lines[-1] != _END_TESTS or lines.count(_BEGIN_TESTS) != 1 or lines.count(_END_TESTS) != 1:
+        raise MarkerError(f"{where}: a tests cell must start with '{_BEGIN_TESTS}' and end with '{_END_TESTS}'")
+
+
+def is_check_cell(source: str) -> bool:
+    """True for a cell of nothing but ``check("qN")`` calls (and comments)."""
+    lines = [line.strip() for line in source.splitlines()]
+    code = [line for line in lines if line and not line.startswith("#")]
+    return bool(code) and all(_CHECK_LINE.match(line) for line in code)

@@ -1,0 +1,256 @@
+"""Matplotlib figures the notebooks draw. Each function returns its Axes so a cell can add to it."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import torch
+
+
+def _axes(ax=None, figsize=(7, 3.2)):
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize)
+    return ax
+
+
+def token_label(tokenizer, token_id: int) -> str:
+    """A token as a readable label: spaces shown as '␣', newlines as '⏎'."""
+    text = tokenizer.decode([int(token_id)])
+    return text.replace(" ", "␣").replace("\n", "⏎") or repr(text)
+
+
+def next_token_bars(probs: torch.Tensor, tokenizer, k: int = 12, ax=None, title: str | None = None,
+                    highlight: int | None = None):
+    """Bar chart of the ``k`` most likely next tokens of a (vocab,) probability vector."""
+    ax = _axes(ax)
+    top = torch.topk(probs.float().cpu(), k)
+    labels = [token_label(tokenizer, i) for i in top.indices.tolist()]
+    colors = ["tab:orange" if highlight is not None and i == highlight else "tab:blue" for i in top.indices.tolist()]
+    ax.bar(range(k), top.values.tolist(), color=colors)
+    ax.set_xticks(range(k), labels, rotation=45, ha="right")
+    ax.set_ylabel("probability")
+    ax.set_title(title or f"top-{k} next tokens")
+    ax.figure.tight_layout()
+    return ax
+
+
+def cutoff_bars(probs: torch.Tensor, kept: torch.Tensor, tokenizer, k: int = 20, ax=None, title: str | None = None):
+    """The ``k`` most likely tokens of a (vocab,) distribution: kept ones blue, cut ones grey, a line at the cut."""
+    ax = _axes(ax)
+    top = torch.topk(probs.float().cpu(), k)
+    kept_top = kept.cpu()[top.indices]  # (k,) bool, in rank order
+    ax.bar(range(k), top.values.tolist(), color=["tab:blue" if keep else "lightgrey" for keep in kept_top.tolist()])
+    ax.set_xticks(range(k), [token_label(tokenizer, i) for i in top.indices.tolist()], rotation=60, ha="right")
+    n_kept = int(kept.sum())
+    if n_kept < k and bool(kept_top[:n_kept].all()):  # the kept tokens are the n most likely: draw the cut
+        ax.axvline(n_kept - 0.5, color="tab:red", linestyle="--", label=f"cut: {n_kept} of {len(probs)} kept")
+        ax.legend(loc="upper right")
+    ax.set_ylabel("probability")
+    ax.set_title(title or f"{n_kept} tokens kept")
+    ax.figure.tight_layout()
+    return ax
+
+
+def cumulative_curve(probs: torch.Tensor, top_p: float | None = None, max_rank: int = 60, ax=None,
+                     label: str | None = None):
+    """Cumulative probability of the tokens sorted from most to least likely; with ``top_p``, the nucleus cut."""
+    ax = _axes(ax)
+    cumulative = torch.sort(probs.float().cpu(), descending=True).values.cumsum(0)[:max_rank]  # (max_rank,)
+    ranks = range(1, len(cumulative) + 1)
+    line, = ax.plot(ranks, cumulative.tolist(), marker=".", label=label)
+    if top_p is not None:
+        nucleus = int((cumulative < top_p).sum()) + 1  # the token that crosses top_p is kept
+        ax.axhline(top_p, color="grey", linestyle=":")
+        ax.axvline(nucleus, color=line.get_color(), linestyle="--")
+        ax.annotate(f"top_p={top_p}: {nucleus} tokens", (nucleus, top_p), textcoords="offset points", xytext=(6, -14))
+    ax.set_xlabel("rank of token")
+    ax.set_ylabel("cumulative probability")
+    ax.set_ylim(0, 1.02)
+    if label:
+        ax.legend(loc="lower right")
+    ax.figure.tight_layout()
+    return ax
+
+
+def curve(xs, ys, xlabel: str, ylabel: str, ax=None, hline: float | None = None, hline_label: str | None = None,
+          label: str | None = None):
+    """A measured quantity against a setting (entropy vs temperature, repetition vs penalty ...), with an
+    optional horizontal reference line."""
+    ax = _axes(ax)
+    ax.plot(list(xs), list(ys), marker="o", label=label)
+    if hline is not None:
+        ax.axhline(hline, color="grey", linestyle=":", label=hline_label)
+    if label or hline_label:
+        ax.legend()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.figure.tight_layout()
+    return ax
+
+
+def diversity_quality(points, ax=None, title: str | None = None):
+    """Scatter of decoding settings: distinct-n (x, more = diverse) vs judge perplexity (y, lower = fluent).
+
+    ``points``: dicts with keys "label", "diversity", "perplexity".
+    """
+    ax = _axes(ax, figsize=(7, 4.5))
+    for point in points:
+        ax.scatter(point["diversity"], point["perplexity"], color="tab:blue")
+        ax.annotate(point["label"], (point["diversity"], point["perplexity"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("diversity: distinct-2 across samples (higher = more varied)")
+    ax.set_ylabel("judge perplexity (lower = more fluent)")
+    ax.set_title(title or "diversity vs quality")
+    ax.figure.tight_layout()
+    return ax
+
+
+def kept_per_step(counts: dict, ax=None, title: str | None = None):
+    """How many tokens each truncation rule keeps at every generation step (log scale), one line per rule."""
+    ax = _axes(ax)
+    for name, per_step in counts.items():
+        ax.plot(range(1, len(per_step) + 1), list(per_step), marker=".", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("generation step")
+    ax.set_ylabel("tokens kept")
+    ax.set_title(title or "tokens that survive truncation, step by step")
+    ax.legend()
+    ax.figure.tight_layout()
+    return ax
+
+
+def beam_tree(tree, tokenizer, row: int = 0, best=None, ax=None, title: str | None = None):
+    """The search tree of ``beam_search(..., record_tree=True)`` for prompt ``row``: one column per step,
+    candidates ranked by cumulative log-probability (top = best). Blue: kept as a running beam; green: ended
+    (EOS or length limit) among the top K; grey: pruned. ``best`` (the new token ids of a returned
+    hypothesis) is drawn as a thick orange path.
+    """
+    width = len(tree[0].tokens[row])
+    ax = _axes(ax, figsize=(1.7 * (len(tree) + 1), 0.55 * width + 1.2))
+    best = [int(t) for t in best] if best is not None else None
+    slots = {0: ((0, -(width - 1) / 2), ())}  # running slot -> (position, token path) at the previous step
+    ax.annotate("prompt", (0, slots[0][0][1]), ha="center", va="center", fontsize=8,
+                bbox=dict(boxstyle="round", fc="white", ec="black"))
+    for step, record in enumerate(tree, start=1):
+        new_slots = {}
+        for j in range(width):
+            score, token = float(record.scores[row, j]), int(record.tokens[row, j])
+            if score < -1e8 or int(record.parents[row, j]) not in slots:  # empty slot or parent not drawn
+                continue
+            (px, py), path = slots[int(record.parents[row, j])]
+            path, stopped = path + (token,), bool(record.stopped[row, j])
+            kept = int(record.kept_as[row, j]) if not stopped else -1
+            ended = stopped and j < int((record.kept_as[row] >= 0).sum())  # only the top K can finish
+            color = "tab:blue" if kept >= 0 else "tab:green" if ended else "lightgrey"
+            on_best = best is not None and list(path) == best[: len(path)]
+            ax.plot([px, step], [py, -j], color="tab:orange" if on_best else color, lw=3 if on_best else 1, zorder=1)
+            ax.annotate(f"{token_label(tokenizer, token)}\n{score:.2f}", (step, -j), ha="center", va="center",
+                        fontsize=7, bbox=dict(boxstyle="round", fc="white", ec=color), zorder=2)
+            if kept >= 0:
+                new_slots[kept] = ((step, -j), path)
+        slots = new_slots
+    ax.set_xlim(-0.5, len(tree) + 0.5)
+    ax.set_ylim(-width + 0.4, 0.6)
+    ax.set_xticks(range(len(tree) + 1), ["prompt"] + [f"step {s}" for s in range(1, len(tree) + 1)])
+    ax.set_yticks([])
+    ax.set_title(title or "beam search tree (blue: kept, green: ended, grey: pruned)")
+    ax.figure.tight_layout()
+    return ax
+
+
+def kv_memory(tokens, formula_by_batch: dict, measured_by_batch: dict, ax=None, title: str | None = None):
+    """KV-cache size vs tokens: the formula as lines, measured tensor bytes as dots, one colour per batch size.
+
+    ``formula_by_batch`` / ``measured_by_batch``: {batch: [bytes at each entry of tokens]}.
+    """
+    ax = _axes(ax)
+    for i, (batch, predicted) in enumerate(formula_by_batch.items()):
+        color = f"C{i}"
+        ax.plot(list(tokens), [b / 2**20 for b in predicted], color=color, label=f"formula, batch {batch}")
+        ax.scatter(list(tokens), [b / 2**20 for b in measured_by_batch[batch]], color=color, zorder=3,
+                   label=f"measured, batch {batch}")
+    ax.set_xlabel("tokens in the cache")
+    ax.set_ylabel("KV cache (MiB)")
+    ax.set_title(title or "KV-cache memory: 2 x layers x heads x head_dim x tokens x batch x bytes")
+    ax.legend(fontsize=8)
+    ax.figure.tight_layout()
+    return ax
+
+
+def throughput_latency(batch_sizes, tokens_per_s, latency_s, ax=None, title: str | None = None):
+    """Tokens/s (left axis, bars) and latency of each request (right axis, line) against batch size."""
+    ax = _axes(ax)
+    labels = [str(b) for b in batch_sizes]
+    ax.bar(labels, list(tokens_per_s), color="tab:blue")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("new tokens / s (all rows)", color="tab:blue")
+    right = ax.twinx()
+    right.plot(labels, list(latency_s), color="tab:red", marker="o")
+    right.set_ylabel("latency per request (s)", color="tab:red")
+    right.set_ylim(bottom=0)
+    ax.set_title(title or "batching: throughput grows, each request waits a little longer")
+    ax.figure.tight_layout()
+    return ax
+
+
+def time_breakdown(parts: dict[str, float], ax=None, title: str | None = None):
+    """One horizontal stacked bar: milliseconds per call spent in each part (e.g. matmuls vs the rest)."""
+    ax = _axes(ax, figsize=(7, 1.8))
+    left = 0.0
+    for name, seconds in parts.items():
+        ax.barh(0, seconds * 1e3, left=left, label=f"{name}: {seconds * 1e3:.2f} ms")
+        left += seconds * 1e3
+    ax.set_yticks([])
+    ax.set_xlabel("ms per decode step")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=len(parts), fontsize=8, frameon=False)
+    ax.set_title(title or "where one decode step spends its time")
+    ax.figure.tight_layout()
+    return ax
+
+
+def speculative_speedup(c: float, ks=(1, 2, 4, 8), measured: tuple[float, float] | None = None,
+                        measured_k: int | None = None, ax=None, title: str | None = None):
+    """Leviathan et al.'s expected speed-up against acceptance rate, one curve per k; ``measured`` = (alpha, x)."""
+    from course_lib.speculative import expected_speedup
+
+    ax = _axes(ax, figsize=(6, 3.6))
+    alphas = torch.linspace(0, 0.99, 100).tolist()
+    for k in ks:
+        ax.plot(alphas, [expected_speedup(a, k, c) for a in alphas], label=f"k = {k}",
+                lw=2.5 if k == measured_k else 1.2)
+    if measured is not None:
+        ax.scatter(*measured, color="black", zorder=3, label=f"measured (k = {measured_k})")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("acceptance rate alpha")
+    ax.set_ylabel("expected speed-up")
+    ax.set_title(title or f"speculative decoding, draft cost c = {c:.2f}")
+    ax.legend(fontsize=8)
+    ax.figure.tight_layout()
+    return ax
+
+
+def loss_bars(labels, losses, baseline: float, ax=None, title: str | None = None):
+    """Held-out loss of several variants as bars, with the baseline as a dashed line."""
+    ax = _axes(ax)
+    ax.bar(range(len(losses)), losses, color="tab:blue")
+    ax.axhline(baseline, color="tab:orange", ls="--", label=f"baseline {baseline:.3f}")
+    ax.set_xticks(range(len(losses)), labels)
+    ax.set_ylim(min(min(losses), baseline) * 0.97, max(max(losses), baseline) * 1.02)
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title(title or "held-out loss")
+    ax.legend(fontsize=8)
+    ax.figure.tight_layout()
+    return ax
+
+
+def token_logprob_bars(tokens, logprobs, ax=None, title: str | None = None):
+    """Per-token log-probabilities of a scored continuation (``ContinuationScore.tokens/.logprobs``) as bars:
+    the surprising tokens stand out as the long ones."""
+    ax = _axes(ax, figsize=(max(4.0, 0.6 * len(tokens) + 1.5), 3.0))
+    ax.bar(range(len(tokens)), list(logprobs), color="tab:purple")
+    ax.set_xticks(range(len(tokens)), [t.replace(" ", "␣").replace("\n", "⏎") for t in tokens], rotation=45,
+                  ha="right")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_ylabel("log p(token | everything before)")
+    ax.set_title(title or f"total {sum(logprobs):.2f} nats")
+    ax.figure.tight_layout()
+    return ax
