@@ -115,6 +115,7 @@ def bench(args: argparse.Namespace) -> int:
     """Load time, and new tokens/s of the storyteller with and without the KV cache."""
     from course_lib.devices import describe_environment, seed_everything
     from course_lib.models import load_model
+    from course_lib.prompting import ContextLengthError, check_fits
     from course_lib.timing import compare
 
     print(describe_environment(args.device))
@@ -123,6 +124,11 @@ def bench(args: argparse.Namespace) -> int:
     print(f"load {args.model}: {time.perf_counter() - start:.2f} s")
     seed_everything(0)
     inputs = tokenizer(["Once upon a time"], return_tensors="pt").to(model.device)
+    try:
+        check_fits(model, inputs.input_ids.shape[1] + args.new_tokens, "the prompt plus --new-tokens")
+    except ContextLengthError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     table = compare({
         "no KV cache": lambda: model.generate(**inputs, **settings, use_cache=False),

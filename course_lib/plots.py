@@ -52,16 +52,21 @@ def cutoff_bars(probs: torch.Tensor, kept: torch.Tensor, tokenizer, k: int = 20,
 
 def cumulative_curve(probs: torch.Tensor, top_p: float | None = None, max_rank: int = 60, ax=None,
                      label: str | None = None):
-    """Cumulative probability of the tokens sorted from most to least likely; with ``top_p``, the nucleus cut."""
+    """Cumulative probability of the tokens sorted from most to least likely; with ``top_p``, the nucleus cut
+    (a dashed line, or an arrow at the right edge when the nucleus is larger than ``max_rank``)."""
     ax = _axes(ax)
-    cumulative = torch.sort(probs.float().cpu(), descending=True).values.cumsum(0)[:max_rank]  # (max_rank,)
-    ranks = range(1, len(cumulative) + 1)
-    line, = ax.plot(ranks, cumulative.tolist(), marker=".", label=label)
+    cumulative = torch.sort(probs.float().cpu(), descending=True).values.cumsum(0)  # (vocab,)
+    line, = ax.plot(range(1, max_rank + 1), cumulative[:max_rank].tolist(), marker=".", label=label)
     if top_p is not None:
         nucleus = int((cumulative < top_p).sum()) + 1  # the token that crosses top_p is kept
+        text = f"top_p={top_p}: {nucleus} token{'s' if nucleus > 1 else ''}"
         ax.axhline(top_p, color="grey", linestyle=":")
-        ax.axvline(nucleus, color=line.get_color(), linestyle="--")
-        ax.annotate(f"top_p={top_p}: {nucleus} tokens", (nucleus, top_p), textcoords="offset points", xytext=(6, -14))
+        if nucleus <= max_rank:
+            ax.axvline(nucleus, color=line.get_color(), linestyle="--")
+            ax.annotate(text, (nucleus, top_p), textcoords="offset points", xytext=(6, -14))
+        else:
+            ax.annotate(text + " →", (max_rank, cumulative[max_rank - 1].item()), textcoords="offset points",
+                        xytext=(-110, 8), color=line.get_color())
     ax.set_xlabel("rank of token")
     ax.set_ylabel("cumulative probability")
     ax.set_ylim(0, 1.02)
@@ -88,18 +93,25 @@ def curve(xs, ys, xlabel: str, ylabel: str, ax=None, hline: float | None = None,
 
 
 def diversity_quality(points, ax=None, title: str | None = None):
-    """Scatter of decoding settings: distinct-n (x, more = diverse) vs judge perplexity (y, lower = fluent).
+    """Decoding settings as points: distinct-n (x, more = varied) vs judge perplexity (y, log, lower = fluent).
 
-    ``points``: dicts with keys "label", "diversity", "perplexity".
+    ``points``: dicts with "diversity", "perplexity", "label" (written next to the point) and "group" (points
+    of one group are joined by a line, e.g. one line per temperature).
     """
     ax = _axes(ax, figsize=(7, 4.5))
+    groups: dict = {}
     for point in points:
-        ax.scatter(point["diversity"], point["perplexity"], color="tab:blue")
-        ax.annotate(point["label"], (point["diversity"], point["perplexity"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
+        groups.setdefault(point["group"], []).append(point)
+    for group, members in groups.items():
+        ax.plot([p["diversity"] for p in members], [p["perplexity"] for p in members], marker="o", label=group)
+        for p in members:
+            ax.annotate(p["label"], (p["diversity"], p["perplexity"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+    ax.set_yscale("log")
     ax.set_xlabel("diversity: distinct-2 across samples (higher = more varied)")
     ax.set_ylabel("judge perplexity (lower = more fluent)")
     ax.set_title(title or "diversity vs quality")
+    ax.legend()
     ax.figure.tight_layout()
     return ax
 
@@ -113,7 +125,7 @@ def kept_per_step(counts: dict, ax=None, title: str | None = None):
     ax.set_xlabel("generation step")
     ax.set_ylabel("tokens kept")
     ax.set_title(title or "tokens that survive truncation, step by step")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.figure.tight_layout()
     return ax
 

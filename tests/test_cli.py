@@ -53,3 +53,8 @@ def test_unknown_subcommand_is_rejected():
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["fly"])
     assert exit_info.value.code == 2
+
+
+def test_bench_refuses_more_tokens_than_the_context(capsys):
+    assert cli.main(["bench", "--model", "draft", "--new-tokens", "300", "--repeats", "1"]) == 2
+    assert "context window of 256" in capsys.readouterr().err

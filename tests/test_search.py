@@ -291,43 +291,34 @@ def test_group_zero_is_plain_beam_search_and_later_groups_avoid_its_tokens(case)
 
 # ---- clear errors ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_beams=0), "num_beams"),
-    (dict(num_beams=2.5), "num_beams"),
-    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
-    (dict(num_beams=2, num_return_sequences=0), "num_return_sequences"),
-    (dict(num_beams=2, max_new_tokens=-1), "max_new_tokens"),
-    (dict(num_beams=2, max_new_tokens=0), "max_new_tokens"),
-    (dict(num_beams=2, early_stopping="sometimes"), "early_stopping"),
-    (dict(num_beams=2, early_stopping=1), "early_stopping"),
-    (dict(num_beams=2, length_penalty="long"), "length_penalty"),
+SEARCHES = {  # each search with settings that work, which one test at a time spoils
+    "beam": (beam_search, dict(num_beams=2, max_new_tokens=3)),
+    "diverse": (diverse_beam_search, dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0, max_new_tokens=3)),
+    "contrastive": (contrastive_search, dict(max_new_tokens=3)),
+}
+
+
+@pytest.mark.parametrize("search, bad, message", [
+    ("beam", dict(num_beams=0), "num_beams"),
+    ("beam", dict(num_beams=2.5), "num_beams"),
+    ("beam", dict(num_return_sequences=3), "num_return_sequences"),
+    ("beam", dict(num_return_sequences=0), "num_return_sequences"),
+    ("beam", dict(max_new_tokens=-1), "max_new_tokens"),
+    ("beam", dict(max_new_tokens=0), "max_new_tokens"),
+    ("beam", dict(early_stopping="sometimes"), "early_stopping"),
+    ("beam", dict(early_stopping=1), "early_stopping"),
+    ("beam", dict(length_penalty="long"), "length_penalty"),
+    ("diverse", dict(num_beam_groups=3), "num_beam_groups"),
+    ("diverse", dict(num_beam_groups=0), "num_beam_groups"),
+    ("diverse", dict(diversity_penalty=-1.0), "diversity_penalty"),
+    ("contrastive", dict(penalty_alpha=1.5), "penalty_alpha"),
+    ("contrastive", dict(top_k=0), "top_k"),
+    ("contrastive", dict(max_new_tokens=-2), "max_new_tokens"),
 ])
-def test_beam_search_rejects_bad_settings(tiny_gpt2, kwargs, message):
-    kwargs = {"max_new_tokens": 3, **kwargs}
+def test_bad_settings_are_refused(tiny_gpt2, search, bad, message):
+    function, good = SEARCHES[search]
     with pytest.raises(ValueError, match=message):
-        beam_search(tiny_gpt2, torch.tensor([[5, 6]]), **kwargs)
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_beam_groups=3), "num_beam_groups"),
-    (dict(num_beam_groups=0), "num_beam_groups"),
-    (dict(diversity_penalty=-1.0), "diversity_penalty"),
-])
-def test_diverse_beam_search_rejects_bad_settings(tiny_gpt2, kwargs, message):
-    kwargs = {"num_beams": 4, "num_beam_groups": 2, "diversity_penalty": 1.0, "max_new_tokens": 3, **kwargs}
-    with pytest.raises(ValueError, match=message):
-        diverse_beam_search(tiny_gpt2, torch.tensor([[5, 6]]), **kwargs)
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(penalty_alpha=1.5), "penalty_alpha"),
-    (dict(top_k=0), "top_k"),
-    (dict(max_new_tokens=-2), "max_new_tokens"),
-])
-def test_contrastive_search_rejects_bad_settings(tiny_gpt2, kwargs, message):
-    kwargs = {"max_new_tokens": 3, **kwargs}
-    with pytest.raises(ValueError, match=message):
-        contrastive_search(tiny_gpt2, torch.tensor([[5, 6]]), **kwargs)
+        function(tiny_gpt2, torch.tensor([[5, 6]]), **{**good, **bad})
 
 
 def test_the_loop_rejects_bad_shapes(tiny_gpt2):

@@ -11,6 +11,8 @@ same float32 copy of the last logits, same padding of finished rows), so a seede
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -37,13 +39,21 @@ def position_ids(attention_mask: torch.Tensor | None, new_len: int, past_len: in
     return positions.masked_fill(attention_mask == 0, 0)[:, -new_len:]  # (B, new_len)
 
 
+@functools.cache
+def _keeps_last_logits_only(model_class) -> bool:
+    # Models that accept logits_to_keep=1 skip the LM head for every position but the last, as in generate().
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 def forward(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, cache, **extra):
     """One forward pass over the tokens not yet in ``cache``; ``attention_mask`` covers cache + new tokens
     (``None`` = no padding). Returns the model output; the cache grows in place."""
     past_len = cache.get_seq_length()
     pos = position_ids(attention_mask, input_ids.shape[1], past_len).to(input_ids.device)
+    if _keeps_last_logits_only(type(model)):
+        extra.setdefault("logits_to_keep", 1)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, cache=cache,
-                 use_cache=True, logits_to_keep=1, **extra)
+                 use_cache=True, **extra)
 
 
 def last_logits(output) -> torch.Tensor:

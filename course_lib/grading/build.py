@@ -18,7 +18,10 @@ from course_lib.grading.markers import (MarkerError, cell_source, check_tests_ce
 
 
 def student_notebook(notebook: dict, name: str) -> dict:
-    """The student version of a source notebook (a pure function of it, so builds are reproducible)."""
+    """The student version of a source notebook (a pure function of it, so builds are reproducible).
+
+    ``name`` only labels marker errors.
+    """
     student = copy.deepcopy(notebook)
     for number, cell in enumerate(student["cells"], start=1):
         if cell.get("cell_type") != "code":
@@ -33,7 +36,6 @@ def student_notebook(notebook: dict, name: str) -> dict:
         source = strip_solutions(source, where)
         cell["source"] = source.splitlines(keepends=True)
         cell["outputs"], cell["execution_count"] = [], None
-    student.setdefault("metadata", {})["course_exercise"] = name
     return student
 
 
