@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import ScalarFormatter
 import torch
 
 
@@ -108,6 +109,8 @@ def diversity_quality(points, ax=None, title: str | None = None):
             ax.annotate(p["label"], (p["diversity"], p["perplexity"]), textcoords="offset points", xytext=(4, 4),
                         fontsize=8)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())  # 10, 20, 50 rather than 1e1, 2e1, 5e1
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("diversity: distinct-2 across samples (higher = more varied)")
     ax.set_ylabel("judge perplexity (lower = more fluent)")
     ax.set_title(title or "diversity vs quality")
