@@ -1,4 +1,4 @@
-"""The `course` command: doctor | lab | execute | bench | train | exercises build | grade."""
+"""The `course` command: doctor | lab | execute | bench | train | exercises build | grade | notebooks sync-setup."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from course_lib.colab import register as register_colab
 from course_lib.grading.cli import register as register_grading
 
 NOTEBOOK_DIR = Path("notebooks")
@@ -79,17 +80,32 @@ def _check_models() -> list[str]:
     return problems
 
 
+def kernel_encryption() -> dict[str, str]:
+    """KernelManager settings that encrypt the traffic with each kernel (CurveZMQ keys the manager provisions)
+    where jupyter_client and pyzmq can; ipykernel then no longer warns at every start that the "Kernel is
+    running over TCP without encryption". Empty where they cannot (older jupyter_client: no warning either)."""
+    import zmq
+    from jupyter_client import KernelManager
+
+    if "transport_encryption" in KernelManager.class_trait_names() and zmq.has("curve"):
+        return {"transport_encryption": "auto"}
+    return {}
+
+
 def lab(args: argparse.Namespace) -> int:
     """Open the notebooks in JupyterLab."""
-    return subprocess.call([sys.executable, "-m", "jupyter", "lab", str(args.folder)])
+    settings = [f"--KernelManager.{name}={value}" for name, value in kernel_encryption().items()]
+    return subprocess.call([sys.executable, "-m", "jupyter", "lab", *settings, str(args.folder)])
 
 
 def execute(args: argparse.Namespace) -> int:
     """Run every notebook headless (static widgets), in place or into --out."""
     import nbformat
     from nbclient import NotebookClient
+    from traitlets.config import Config
 
     os.environ["COURSE_STATIC"] = "1"  # no front end draws widgets here: store the static result
+    config = Config({"KernelManager": kernel_encryption()})
     paths = args.notebooks or sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
     if not paths:
         print(f"no notebooks found in {NOTEBOOK_DIR.resolve()}; run from the course checkout or pass paths")
@@ -99,7 +115,7 @@ def execute(args: argparse.Namespace) -> int:
         nb = nbformat.read(path, as_version=4)
         start = time.perf_counter()
         try:
-            NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+            NotebookClient(nb, timeout=args.timeout, kernel_name="python3", config=config,
                            resources={"metadata": {"path": str(path.parent)}}).execute()
             status = "ok"
         except Exception as e:  # one broken notebook should not hide the state of the others
@@ -113,9 +129,8 @@ def execute(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     """Load time, and new tokens/s of the storyteller with and without the KV cache."""
-    from course_lib.devices import describe_environment, seed_everything
-    from course_lib.models import load_model
-    from course_lib.prompting import ContextLengthError, check_fits
+    from course_lib.devices import describe_environment, model_device, seed_everything
+    from course_lib.models import ContextLengthError, check_fits, load_model
     from course_lib.timing import compare
 
     print(describe_environment(args.device))
@@ -123,7 +138,7 @@ def bench(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, device=args.device)
     print(f"load {args.model}: {time.perf_counter() - start:.2f} s")
     seed_everything(0)
-    inputs = tokenizer(["Once upon a time"], return_tensors="pt").to(model.device)
+    inputs = tokenizer(["Once upon a time"], return_tensors="pt").to(model_device(model))
     try:
         check_fits(model, inputs.input_ids.shape[1] + args.new_tokens, "the prompt plus --new-tokens")
     except ContextLengthError as error:
@@ -133,7 +148,7 @@ def bench(args: argparse.Namespace) -> int:
     table = compare({
         "no KV cache": lambda: model.generate(**inputs, **settings, use_cache=False),
         "KV cache": lambda: model.generate(**inputs, **settings, use_cache=True),
-    }, new_tokens=args.new_tokens, repeats=args.repeats, device=model.device)
+    }, new_tokens=args.new_tokens, repeats=args.repeats, device=model_device(model))
     print(table.to_markdown())
     return 0
 
@@ -164,16 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=bench)
-    p = sub.add_parser("train", help="train the bundled tokenizer/models (see python -m course_lib.train -h)",
+    # train's own parser (course_lib.train.main) reads every argument after "train", -h included; main() hands
+    # them over (an argparse.REMAINDER positional would refuse a first argument that starts with "--").
+    p = sub.add_parser("train", help="train the bundled tokenizer/models (course train -h for its options)",
                        add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=train)
+    p.set_defaults(func=train, forwards_rest=True)
     register_grading(sub)  # exercises build | grade
+    register_colab(sub)  # notebooks sync-setup
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "forwards_rest", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     return args.func(args)
 
 

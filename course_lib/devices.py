@@ -9,6 +9,7 @@ import random
 import torch
 
 DEVICE_ENV_VAR = "COURSE_DEVICE"
+THREADS_ENV_VAR = "COURSE_THREADS"
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -42,6 +43,28 @@ def get_device(preferred: str | torch.device | None = None) -> torch.device:
             f"device {str(choice)!r}{source} is not available on this machine; available: {', '.join(names)}"
         )
     return device
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` lives: the device of its first parameter (or buffer); cpu for a model with neither."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def to_model_device(model: torch.nn.Module, *tensors: torch.Tensor | None):
+    """Inputs follow the model: move each tensor to ``model``'s device (``None`` stays ``None``).
+
+    Every public course_lib function that takes token tensors calls this once, at the top (right after
+    validating them where they arrived, so host tensors cost no device sync), so a model on cuda or mps works
+    wherever a CPU model does; a function that only hands its tensors to another such function leaves the move
+    to it. ``tests/test_device_rule.py`` checks every entry point. One tensor in, one out; several in, a tuple out.
+    """
+    device = model_device(model)
+    moved = tuple(None if t is None else t.to(device) for t in tensors)
+    return moved[0] if len(moved) == 1 else moved
 
 
 def synchronize(device: str | torch.device) -> None:
@@ -79,6 +102,21 @@ def describe_environment(device: str | torch.device | None = None) -> str:
         f"device: {dev} ({device_name(dev)}) | torch {torch.__version__} | transformers {transformers.__version__}"
         f" | python {platform.python_version()} | {torch.get_num_threads()} CPU threads"
     )
+
+
+def apply_thread_setting() -> int | None:
+    """Honour ``$COURSE_THREADS``: run torch's CPU work on that many threads (``None`` when unset).
+
+    ``COURSE_THREADS=1`` (with ``OMP_NUM_THREADS=1``) makes float results independent of the machine's core
+    count, which is how CI re-checks the stored notebook outputs on one thread.
+    """
+    value = os.environ.get(THREADS_ENV_VAR, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"${THREADS_ENV_VAR}={value!r} is not allowed; it must be a whole number >= 1 (or unset)")
+    torch.set_num_threads(int(value))
+    return int(value)
 
 
 def seed_everything(seed: int = 0) -> int:

@@ -25,6 +25,9 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutput
 
+from course_lib.decoding.loop import no_padding_mask
+from course_lib.devices import to_model_device
+
 METHODS = ("mixture", "product")
 
 
@@ -130,10 +133,16 @@ class Ensemble(nn.Module):
     def member_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                          position_ids: torch.Tensor | None = None, cache=None,
                          logits_to_keep: int = 0) -> list[torch.Tensor]:
-        """Each member's log-probabilities: a list of (B, T, vocab) (T = 1 with ``logits_to_keep=1``)."""
+        """Each member's log-probabilities: a list of (B, T, vocab) (T = 1 with ``logits_to_keep=1``).
+
+        Inputs follow member 0 (the ensemble's device); the members share one device.
+        """
+        input_ids, attention_mask, position_ids = to_model_device(self, input_ids, attention_mask, position_ids)
         if attention_mask is not None and position_ids is None:
             # a plain forward numbers positions 0..T-1 even under left padding: count real tokens instead
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        if attention_mask is None:  # no padding, said explicitly; the members number positions on from the cache
+            attention_mask = no_padding_mask(input_ids, 0 if cache is None else cache.get_seq_length())
         return [m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=c,
                   use_cache=c is not None, logits_to_keep=logits_to_keep).logits.float().log_softmax(dim=-1)
                 for m, c in zip(self.members, self._caches(cache))]
@@ -146,8 +155,11 @@ class Ensemble(nn.Module):
 
 
 def nll(log_probs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean negative log-likelihood (nats/token) of ``targets`` (B, T) under ``log_probs`` (B, T, vocab)."""
-    return -log_probs.gather(-1, targets[..., None]).mean().item()
+    """Mean negative log-likelihood (nats/token) of ``targets`` (B, T) under ``log_probs`` (B, T, vocab).
+
+    ``targets`` follow ``log_probs`` to the device the model computed them on.
+    """
+    return -log_probs.gather(-1, targets.to(log_probs.device)[..., None]).mean().item()
 
 
 def weight_sweep(member_log_probs: Sequence[torch.Tensor], targets: torch.Tensor, grid: Sequence[float],
@@ -155,9 +167,11 @@ def weight_sweep(member_log_probs: Sequence[torch.Tensor], targets: torch.Tensor
     """Held-out loss of a two-member ensemble for each weight ``w`` of member 0 (member 1 gets ``1 - w``).
 
     Reuses the members' log-probs: one forward per member, then each weight costs only the combination.
+    ``targets`` follow the log-probs to the device the models computed them on.
     """
     if len(member_log_probs) != 2:
         raise ValueError(f"weight_sweep mixes exactly two members, got {len(member_log_probs)}")
+    targets = targets.to(member_log_probs[0].device)
     if method == "mixture":
         # the mixture's probability of the target needs only each member's probability OF THE TARGET:
         # gather first and combine (N, T, 1) instead of (N, T, vocab). The product needs the whole

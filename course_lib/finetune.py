@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from course_lib.devices import to_model_device
 from course_lib.models import ASSETS_DIR
 from course_lib.train import TrainConfig, lr_at, make_optimizer, random_windows, read_stories, train_step
 
@@ -56,13 +57,13 @@ def finetune(model: nn.Module, ids: torch.Tensor, cfg: TrainConfig,
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("every parameter is frozen: nothing to fine-tune")
+    ids = to_model_device(model, ids)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    device = next(model.parameters()).device
     log = []
     for step in range(cfg.steps):
-        x, y = random_windows(ids, cfg.context, cfg.batch_size, gen)  # (B, T) each
-        loss = train_step(model, opt, x.to(device), y.to(device), lr_at(step, cfg), cfg.bf16)
+        x, y = random_windows(ids, cfg.context, cfg.batch_size, gen)  # (B, T) each, on the model's device
+        loss = train_step(model, opt, x, y, lr_at(step, cfg), cfg.bf16)
         row = {"step": step + 1, "loss": loss.item()}  # one sync per step, after a whole backward pass
         if evaluate is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             model.eval()

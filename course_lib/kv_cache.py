@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from course_lib.devices import to_model_device
+
 
 def kv_cache_bytes(n_layers: int, n_heads: int, head_dim: int, tokens: int, batch: int = 1,
                    bytes_per_value: int = 4) -> int:
@@ -166,6 +168,7 @@ def cost_per_token(model, ids: torch.Tensor, positions, repeats: int = 3) -> dic
 
     if max(positions) + 1 > ids.shape[1]:
         raise ValueError(f"positions up to {max(positions)} need {max(positions) + 1} tokens; ids has {ids.shape[1]}")
+    ids = to_model_device(model, ids)  # once, outside the timed calls
     costs: dict[str, list[float]] = {"no cache": [], "KV cache": []}
     for p in positions:
         cache = new_cache(model, "static", max_len=p + 1)

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from course_lib.devices import to_model_device
 
 Sample = Sequence | str | torch.Tensor
 
@@ -56,9 +57,10 @@ def repetition_rate(sample: Sample, n: int = 3) -> float:
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor) -> float:
     """exp(mean loss) of ``model`` predicting each token of ``ids`` (1-D, >= 2 tokens) from the ones before it."""
-    ids = torch.as_tensor(ids).flatten().to(model.device)  # (T,)
+    ids = torch.as_tensor(ids).flatten()  # (T,)
     if len(ids) < 2:
         raise ValueError(f"perplexity needs at least 2 tokens (one to predict), got {len(ids)}")
+    ids = to_model_device(model, ids)
     # An explicit all-ones mask: an EOS inside a sample (id 0, also the pad id) is text here, not padding.
     logits = model(input_ids=ids[None], attention_mask=torch.ones_like(ids[None])).logits[0, :-1].float()  # (T-1, V)
     return math.exp(F.cross_entropy(logits, ids[1:]).item())

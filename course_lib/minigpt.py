@@ -24,7 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from course_lib.checks import check, is_integer
+from course_lib.devices import model_device, to_model_device
 from course_lib.kv_cache import DynamicKVCache, StaticKVCache
+from course_lib.models import check_fits, check_token_ids
 
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # name -> F.gelu approximate=
 
@@ -149,9 +152,7 @@ class MiniGPT(nn.Module):
             raise ValueError(f"ids must be (batch, tokens), got shape {tuple(ids.shape)}")
         B, T = ids.shape
         past = 0 if cache is None else cache.length
-        if past + T > self.config.n_positions:
-            raise ValueError(f"{past} cached + {T} new tokens exceed the model's context of "
-                             f"{self.config.n_positions} positions")
+        check_fits(self, past + T, what=f"{past} cached + {T} new tokens")
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask must be (batch, cached + new tokens) = {(B, past + T)}, "
                              f"got {tuple(attention_mask.shape)}")
@@ -208,21 +209,22 @@ def new_cache(model: MiniGPT, kind: str = "dynamic", batch: int = 1, max_len: in
     if kind == "dynamic":
         return DynamicKVCache(cfg.n_layer)
     if kind == "static":
-        p = model.wte.weight
         return StaticKVCache(cfg.n_layer, batch, cfg.n_head, cfg.head_dim, max_len or cfg.n_positions,
-                             dtype=p.dtype, device=p.device)
+                             dtype=model.wte.weight.dtype, device=model_device(model))
     raise ValueError(f"unknown cache kind {kind!r}; allowed: 'dynamic', 'static'")
 
 
 @torch.inference_mode()
 def prefill(model: MiniGPT, ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Run the prompt ``ids`` (B, T) through the model in one pass, filling ``cache``; next-token logits (B, vocab)."""
+    ids, attention_mask = to_model_device(model, ids, attention_mask)
     return model(ids, cache, attention_mask, last_only=True)[:, -1]
 
 
 @torch.inference_mode()
 def decode_step(model: MiniGPT, ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """One new token per row, ``ids`` (B, 1), attending to everything in ``cache``; next-token logits (B, vocab)."""
+    ids, attention_mask = to_model_device(model, ids, attention_mask)
     return model(ids, cache, attention_mask)[:, -1]
 
 
@@ -236,15 +238,14 @@ def generate(model: MiniGPT, ids: torch.Tensor, max_new_tokens: int, cache="dyna
     (B, cached + T) marks left padding with 0. Like gpt-fast, the loop has no EOS check, so it never waits for
     the device (no ``.item()``); cut the rows at EOS afterwards.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    check("max_new_tokens", max_new_tokens, is_integer(max_new_tokens) and max_new_tokens >= 1, "an integer >= 1")
+    check_token_ids(model, ids)
     B, T = ids.shape
+    past = 0 if cache is None or isinstance(cache, str) else cache.length
+    check_fits(model, past + T + max_new_tokens, what=f"{past} cached + {T} prompt tokens + max_new_tokens")
     if isinstance(cache, str):
         cache = new_cache(model, cache, B, T + max_new_tokens)
-    past = 0 if cache is None else cache.length
-    if past + T + max_new_tokens > model.config.n_positions:
-        raise ValueError(f"{past} cached + {T} prompt + {max_new_tokens} new tokens exceed the model's context of "
-                         f"{model.config.n_positions} positions")
+    ids, attention_mask = to_model_device(model, ids, attention_mask)
     out = torch.empty(B, T + max_new_tokens, dtype=ids.dtype, device=ids.device)  # filled in place, no cat
     out[:, :T] = ids
     full_mask = None  # no padding: the causal mask alone will do

@@ -24,6 +24,7 @@ TOKENIZER_DIR = ASSETS_DIR / "tokenizer"
 MODELS_DIR = ASSETS_DIR / "models"
 HELDOUT_FILE = ASSETS_DIR / "heldout_stories.txt"
 EOS_TOKEN = "<|endoftext|>"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")  # a vocabulary
 
 BUNDLED_MODELS: dict[str, str] = {
     "storyteller": "GPT-2 architecture, 6 layers, the course's main model",
@@ -48,7 +49,15 @@ class HubUnreachableError(ConnectionError):
 
 
 class NotAModelError(ValueError):
-    """A path exists but does not hold a safetensors model."""
+    """A path exists but does not hold a safetensors model (config.json, weights, tokenizer files)."""
+
+
+class WeightsMismatchError(ValueError):
+    """The safetensors weights do not fit the architecture that config.json describes."""
+
+
+class ContextLengthError(ValueError):
+    """The tokens do not fit the model's context window (its learned positions end there)."""
 
 
 def bundled_path(name: str) -> Path:
@@ -126,6 +135,10 @@ def load_tokenizer(name_or_path: str = "storyteller"):
         source, extra = Path(name_or_path), {}
     else:
         source, extra = name_or_path, _hub_source(name_or_path)
+    if isinstance(source, Path) and source.is_dir() and not any((source / f).is_file() for f in TOKENIZER_FILES):
+        # transformers would build a tokenizer that knows one token and encodes every text as garbage
+        raise NotAModelError(f"{source} has no tokenizer: expected one of {', '.join(TOKENIZER_FILES)}; save the "
+                             f"model's tokenizer there (tokenizer.save_pretrained(folder))")
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **extra)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -133,13 +146,26 @@ def load_tokenizer(name_or_path: str = "storyteller"):
     return tokenizer
 
 
+def _check_loading_info(source, info: dict) -> None:
+    """Refuse weights that leave part of the model random (missing or resized tensors) or go unused (unexpected):
+    transformers only logs these and hands back a model that writes noise."""
+    kinds = {"missing": "missing_keys", "unexpected": "unexpected_keys", "of the wrong shape": "mismatched_keys"}
+    found = {kind: sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())
+             for kind, key in kinds.items()}
+    detail = "; ".join(f"{len(keys)} {kind} (e.g. {', '.join(keys[:3])})" for kind, keys in found.items() if keys)
+    if detail:
+        raise WeightsMismatchError(f"the weights in {source} do not fit the architecture its config.json describes: "
+                                   f"{detail}. Check that config.json and the *.safetensors belong to one model")
+
+
 def load_model(name_or_path: str = "storyteller", device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None):
     """Load ``(model, tokenizer)`` in eval mode on ``device`` (default: the best available).
 
-    ``name_or_path`` is a bundled name (see ``BUNDLED_MODELS``), a folder with config.json and safetensors
-    weights, or a Hugging Face Hub id such as ``"gpt2"``. Weights load only from safetensors and no remote code
-    is ever run.
+    ``name_or_path`` is a bundled name (see ``BUNDLED_MODELS``), a folder with config.json, safetensors
+    weights and the tokenizer's files, or a Hugging Face Hub id such as ``"gpt2"``. Weights load only from
+    safetensors and no remote code is ever run. Weights that do not fit the config (missing, unexpected or
+    resized tensors) raise ``WeightsMismatchError``.
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -157,10 +183,12 @@ def load_model(name_or_path: str = "storyteller", device: str | torch.device | N
         _check_model_folder(source)
     else:
         source, extra = name_or_path, _hub_source(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, use_safetensors=True, trust_remote_code=False, dtype=torch_dtype or torch.float32, **extra
+    tokenizer = load_tokenizer(name_or_path)  # first: a folder without tokenizer fails before the weights load
+    model, info = AutoModelForCausalLM.from_pretrained(
+        source, use_safetensors=True, trust_remote_code=False, dtype=torch_dtype or torch.float32,
+        output_loading_info=True, ignore_mismatched_sizes=True, **extra
     )
-    tokenizer = load_tokenizer(name_or_path)
+    _check_loading_info(source, info)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(target).eval(), tokenizer
@@ -177,3 +205,53 @@ def heldout_stories() -> list[str]:
     """Held-out stories shipped with the package (never seen in training), for quality checks."""
     text = HELDOUT_FILE.read_text(encoding="utf-8")
     return [s.strip() for s in text.split(f"\n{EOS_TOKEN}\n") if s.strip()]
+
+
+# ----------------------------------------------------------------------------- what a model accepts
+
+
+def _text_config(model):
+    """The config of the token stream: the decoder's, for configs that nest several (multimodal models)."""
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def context_window(model) -> int:
+    """How many positions the model has: ``n_positions`` (GPT-2, MiniGPT) or ``max_position_embeddings`` (Llama).
+
+    GPT-2 looks positions up in a table of that many rows and fails past it with a bare IndexError; Llama's
+    rotary embeddings compute any position, so it would run on silently, into positions it never trained on.
+    """
+    config = _text_config(model)
+    for name in ("n_positions", "max_position_embeddings"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise ValueError(f"{type(model).__name__} config has neither n_positions nor max_position_embeddings")
+
+
+def check_fits(model, n_tokens: int, what: str = "prompt") -> None:
+    """Raise ``ContextLengthError`` when ``n_tokens`` positions exceed the context window."""
+    window = context_window(model)
+    if n_tokens > window:
+        raise ContextLengthError(
+            f"{what} needs {n_tokens} tokens but {type(model).__name__} has a context window of {window}; "
+            f"shorten it by {n_tokens - window} tokens (e.g. drop the oldest text or few-shot examples)"
+        )
+
+
+def check_token_ids(model, input_ids) -> None:
+    """Clear errors for ids the model's embedding cannot look up: not an integer tensor of shape (batch, length)
+    with batch, length >= 1, or an id outside ``0 .. vocab_size - 1``. One host sync (the min and the max)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a torch tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}; "
+                         f"pass the tokenizer's ids")
+    if input_ids.ndim != 2 or 0 in input_ids.shape:
+        raise ValueError(f"input_ids must be (batch, length) with batch >= 1 and length >= 1, "
+                         f"got shape {tuple(input_ids.shape)}")
+    vocab = _text_config(model).vocab_size
+    low, high = torch.stack(torch.aminmax(input_ids)).tolist()
+    if low < 0 or high >= vocab:
+        raise ValueError(f"input_ids hold token id {low if low < 0 else high}, outside the vocabulary of "
+                         f"{type(model).__name__}: ids must be in 0..{vocab - 1}; encode with the model's own tokenizer")

@@ -14,6 +14,7 @@ side: speed through the course timer, weight bytes, held-out loss and whether gr
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -25,6 +26,7 @@ from torch.nn.utils import prune
 from transformers import DynamicCache
 from transformers.pytorch_utils import Conv1D
 
+from course_lib.devices import model_device, to_model_device
 from course_lib.models import resolve_dtype
 from course_lib.timing import benchmark, compare, weight_bytes
 from course_lib.train import heldout_loss
@@ -37,7 +39,7 @@ def with_precision(model: nn.Module, precision: str | torch.dtype) -> nn.Module:
     dtype = resolve_dtype(precision)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"unsupported precision {precision!r}; allowed: fp32, bf16, fp16 (GPU only)")
-    device = next(model.parameters()).device
+    device = model_device(model)
     if dtype == torch.float16 and device.type != "cuda":
         raise ValueError(f"fp16 needs a GPU: CPUs have no fast fp16 matmul and the model sits on {device}; "
                          "use 'bf16' on the CPU")
@@ -261,17 +263,21 @@ def report(variants: dict[str, nn.Module], heldout_ids: torch.Tensor, input_ids:
     """Speed (greedy ``generate`` through ``compare``), bytes, held-out loss and greedy text of each variant.
 
     The first variant is the baseline. Speed ratios come from one interleaved run, so they are comparable.
-    ``context`` is the window of the held-out loss (at most the model's maximum positions).
+    ``context`` is the window of the held-out loss (at most the model's maximum positions). Each variant reads
+    the tokens on its own device; the timer syncs the baseline's.
     """
     if not variants:
         raise ValueError("report() needs at least one variant (the first is the baseline)")
 
     def greedy(model):
-        return lambda: model.generate(input_ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+        ids = to_model_device(model, input_ids)
+        return lambda: model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                                       do_sample=False)
 
-    texts = {name: greedy(m)() for name, m in variants.items()}
-    timings = compare({name: greedy(m) for name, m in variants.items()}, repeats=repeats, new_tokens=max_new_tokens)
+    runs = {name: greedy(m) for name, m in variants.items()}
+    texts = {name: run() for name, run in runs.items()}
+    timings = compare(runs, repeats=repeats, new_tokens=max_new_tokens,
+                      device=model_device(next(iter(variants.values()))))
     baseline_text = next(iter(texts.values()))
     return Report([VariantRow(name, timings.ratio(name), weight_bytes(m), heldout_loss(m, heldout_ids, context)[0],
                               torch.equal(texts[name], baseline_text)) for name, m in variants.items()])
@@ -286,6 +292,7 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
 def repeatable_decode_step(model: nn.Module, input_ids: torch.Tensor) -> Callable[[], torch.Tensor]:
     """A one-token decode step that can be timed over and over: the prompt is cached once, then each call
     feeds its last token again and crops it back out of the cache, so every call does the same work."""
+    input_ids = to_model_device(model, input_ids)
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         model(input_ids=input_ids[:, :-1], cache=cache, use_cache=True)
@@ -309,6 +316,10 @@ def decode_time_breakdown(step: Callable[[], Any], repeats: int = 20) -> dict[st
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     step()  # warm-up: first-call allocations are not the steady state
+    # torch.profiler's C++ back end (Kineto) prints "USDT: ... profiler_start/stop" to stderr on every profile
+    # at its default level. It reads KINETO_LOG_LEVEL once, at the first profile of the process; 6 is above its
+    # highest level (USDT = 5). A level the user set is kept.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for _ in range(repeats):

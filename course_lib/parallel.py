@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from course_lib.devices import to_model_device
 from course_lib.kv_cache import DynamicKVCache
 from course_lib.minigpt import MiniGPT, generate, new_cache, prefill
 from course_lib.timing import BenchResult, benchmark
@@ -47,11 +48,10 @@ def generate_batch(model: MiniGPT, tokenizer, prompts: Sequence[str], max_new_to
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     encode_batch(tokenizer, prompts)  # validates before any work
     batch_size = batch_size or len(prompts)
-    device = model.wte.weight.device
     new_tokens = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = encode_batch(tokenizer, prompts[start : start + batch_size])
-        out = generate(model, ids.to(device), max_new_tokens, cache=cache, attention_mask=mask.to(device))
+        out = generate(model, ids, max_new_tokens, cache=cache, attention_mask=mask)  # moves them to the model
         new_tokens += out[:, ids.shape[1] :].tolist()  # one host sync per batch, after the loop
     return new_tokens
 
@@ -71,6 +71,7 @@ def throughput_by_batch(model: MiniGPT, ids: torch.Tensor, batch_sizes: Sequence
     """
     if max(batch_sizes) > ids.shape[0]:
         raise ValueError(f"largest batch size {max(batch_sizes)} needs that many prompt rows; ids has {ids.shape[0]}")
+    ids = to_model_device(model, ids)  # once, outside the timed calls
     return [benchmark(lambda b=b: generate(model, ids[:b], max_new_tokens), name=f"batch {b}", repeats=repeats,
                       new_tokens=b * max_new_tokens, device=ids.device) for b in batch_sizes]
 
@@ -94,7 +95,7 @@ def first_token_with_prefix_cache(model: MiniGPT, prefix_cache: DynamicKVCache,
 def first_token_without_prefix_cache(model: MiniGPT, prefix_ids: torch.Tensor,
                                      suffix_ids: torch.Tensor) -> torch.Tensor:
     """The same first token, running prefix + suffix from scratch: what every request pays without reuse."""
-    ids = torch.cat([prefix_ids, suffix_ids], dim=1)  # (1, P + S)
+    ids = torch.cat(to_model_device(model, prefix_ids, suffix_ids), dim=1)  # (1, P + S)
     return prefill(model, ids, new_cache(model, "dynamic")).argmax(-1)
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 import torch
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")  # shapes that stay distinct in print and without colour
 
 
 def _axes(ax=None, figsize=(7, 3.2)):
@@ -21,13 +24,20 @@ def token_label(tokenizer, token_id: int) -> str:
 
 def next_token_bars(probs: torch.Tensor, tokenizer, k: int = 12, ax=None, title: str | None = None,
                     highlight: int | None = None):
-    """Bar chart of the ``k`` most likely next tokens of a (vocab,) probability vector."""
+    """Bar chart of the ``k`` most likely next tokens of a (vocab,) probability vector; tokens of probability 0
+    (cut by a processor) get no bar. ``highlight`` (a token id, e.g. the one drawn) is orange, and always shown:
+    when it is not among the ``k``, an extra last bar shows it with its rank."""
     ax = _axes(ax)
-    top = torch.topk(probs.float().cpu(), k)
-    labels = [token_label(tokenizer, i) for i in top.indices.tolist()]
-    colors = ["tab:orange" if highlight is not None and i == highlight else "tab:blue" for i in top.indices.tolist()]
-    ax.bar(range(k), top.values.tolist(), color=colors)
-    ax.set_xticks(range(k), labels, rotation=45, ha="right")
+    probs = probs.float().cpu()
+    shown = torch.topk(probs, min(k, int((probs > 0).sum()))).indices.tolist()
+    labels = [token_label(tokenizer, i) for i in shown]
+    if highlight is not None and highlight not in shown:
+        rank = int((probs > probs[highlight]).sum()) + 1
+        shown.append(highlight)
+        labels.append(f"{token_label(tokenizer, highlight)} (#{rank})")
+    colors = ["tab:orange" if i == highlight else "tab:blue" for i in shown]
+    ax.bar(range(len(shown)), probs[shown].tolist(), color=colors)
+    ax.set_xticks(range(len(shown)), labels, rotation=45, ha="right")
     ax.set_ylabel("probability")
     ax.set_title(title or f"top-{k} next tokens")
     ax.figure.tight_layout()
@@ -96,25 +106,33 @@ def curve(xs, ys, xlabel: str, ylabel: str, ax=None, hline: float | None = None,
 def diversity_quality(points, ax=None, title: str | None = None):
     """Decoding settings as points: distinct-n (x, more = varied) vs judge perplexity (y, log, lower = fluent).
 
-    ``points``: dicts with "diversity", "perplexity", "label" (written next to the point) and "group" (points
-    of one group are joined by a line, e.g. one line per temperature).
+    ``points``: dicts with "diversity", "perplexity", "group" (points of one group share a colour and are
+    joined by a line, e.g. one line per temperature) and "label" (points with one label share a marker shape,
+    e.g. one shape per top_p). Two legends to the right of the plot name the colours and the shapes, so no
+    text sits on the lines.
     """
-    ax = _axes(ax, figsize=(7, 4.5))
+    ax = _axes(ax, figsize=(8, 4.5))
     groups: dict = {}
     for point in points:
         groups.setdefault(point["group"], []).append(point)
-    for group, members in groups.items():
-        ax.plot([p["diversity"] for p in members], [p["perplexity"] for p in members], marker="o", label=group)
+    shapes = {label: MARKERS[i % len(MARKERS)] for i, label in enumerate(dict.fromkeys(p["label"] for p in points))}
+    for i, (group, members) in enumerate(groups.items()):
+        color = f"C{i}"
+        ax.plot([p["diversity"] for p in members], [p["perplexity"] for p in members], color=color, label=group)
         for p in members:
-            ax.annotate(p["label"], (p["diversity"], p["perplexity"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8)
+            ax.plot(p["diversity"], p["perplexity"], marker=shapes[p["label"]], color=color, markersize=8,
+                    linestyle="none")
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ScalarFormatter())  # 10, 20, 50 rather than 1e1, 2e1, 5e1
-    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 2, 5, 10, 20, 50: a few round numbers
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())  # unlabelled minor ticks: labels on each one crowd together
     ax.set_xlabel("diversity: distinct-2 across samples (higher = more varied)")
     ax.set_ylabel("judge perplexity (lower = more fluent)")
     ax.set_title(title or "diversity vs quality")
-    ax.legend()
+    colours = ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    ax.add_artist(colours)  # a second legend() call would replace the first
+    handles = [Line2D([], [], marker=shape, color="grey", linestyle="none", markersize=8) for shape in shapes.values()]
+    ax.legend(handles, list(shapes), loc="lower left", bbox_to_anchor=(1.01, 0), fontsize=8)
     ax.figure.tight_layout()
     return ax
 
@@ -216,7 +234,8 @@ def time_breakdown(parts: dict[str, float], ax=None, title: str | None = None):
         left += seconds * 1e3
     ax.set_yticks([])
     ax.set_xlabel("ms per decode step")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=len(parts), fontsize=8, frameon=False)
+    # To the right of the bar, one entry per line: below it, the legend would sit on the x label.
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.set_title(title or "where one decode step spends its time")
     ax.figure.tight_layout()
     return ax

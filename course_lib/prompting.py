@@ -19,29 +19,9 @@ from typing import Sequence
 import torch
 
 from course_lib.decoding import greedy_search, next_token_probs
-
-
-class ContextLengthError(ValueError):
-    """The tokens do not fit the model's context window (its learned positions end there)."""
-
-
-def context_window(model) -> int:
-    """How many positions the model has: ``n_positions`` (GPT-2) or ``max_position_embeddings`` (Llama)."""
-    config = model.config
-    for name in ("n_positions", "max_position_embeddings"):
-        if getattr(config, name, None):
-            return int(getattr(config, name))
-    raise ValueError(f"{type(model).__name__} config has neither n_positions nor max_position_embeddings")
-
-
-def check_fits(model, n_tokens: int, what: str = "prompt") -> None:
-    """Raise ``ContextLengthError`` when ``n_tokens`` positions exceed the context window."""
-    window = context_window(model)
-    if n_tokens > window:
-        raise ContextLengthError(
-            f"{what} needs {n_tokens} tokens but {type(model).__name__} has a context window of {window}; "
-            f"shorten it by {n_tokens - window} tokens (e.g. drop the oldest text or few-shot examples)"
-        )
+from course_lib.devices import to_model_device
+# The context-window check lives in models.py; ContextLengthError and context_window stay importable from here.
+from course_lib.models import ContextLengthError, check_fits, context_window  # noqa: F401
 
 
 def _as_list(texts: str | Sequence[str], name: str) -> list[str]:
@@ -69,8 +49,7 @@ def next_token_distribution(model, tokenizer, prompts: str | Sequence[str]) -> t
     """The distribution over the next token after each prompt: (vocab,) for one prompt, (B, vocab) for a list."""
     ids, mask = encode_prompts(tokenizer, prompts)  # (B, T) each
     check_fits(model, ids.shape[1])
-    device = next(model.parameters()).device
-    probs = next_token_probs(model, ids.to(device), attention_mask=mask.to(device))  # (B, vocab)
+    probs = next_token_probs(model, ids, attention_mask=mask)  # (B, vocab); it moves ids and mask
     return probs[0] if isinstance(prompts, str) else probs
 
 
@@ -126,8 +105,7 @@ def continuation_logprobs(model, tokenizer, prompts: str | Sequence[str],
     # Pad on the RIGHT here: under a causal mask, padding AFTER the text cannot change the text's positions or
     # logits, so a plain forward pass scores every row exactly as it would alone.
     batch = tokenizer.pad({"input_ids": rows}, return_tensors="pt", padding_side="right")
-    device = next(model.parameters()).device
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (B, T) each
+    ids, mask = to_model_device(model, batch["input_ids"], batch["attention_mask"])  # (B, T) each
     logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, vocab)
     # position t predicts token t+1: line the log-softmax up with the token that actually came next
     logp = logits[:, :-1].log_softmax(dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
@@ -153,8 +131,8 @@ def complete(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int
     ids, mask = encode_prompts(tokenizer, prompts)  # (B, T) each
     # past the window GPT-2's position embedding fails with a bare IndexError; say what happened instead
     check_fits(model, ids.shape[1] + max_new_tokens, what=f"prompt ({ids.shape[1]} tokens) + max_new_tokens")
-    device = next(model.parameters()).device
-    out = greedy_search(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens)  # (B, T + new)
+    # greedy_search checks the host tensors (no device sync), then moves them to the model's device
+    out = greedy_search(model, ids, mask, max_new_tokens=max_new_tokens)  # (B, T + new)
     texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     return texts[0] if isinstance(prompts, str) else texts
 

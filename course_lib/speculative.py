@@ -20,6 +20,11 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from course_lib.checks import check, is_integer, is_number
+from course_lib.decoding.loop import no_padding_mask
+from course_lib.devices import to_model_device
+from course_lib.models import check_fits, check_token_ids
+
 
 @dataclass
 class SpeculativeOutput:
@@ -70,16 +75,17 @@ def expected_speedup(alpha: float, k: int, c: float) -> float:
     one target forward. One step costs k*c + 1 target-forward units and yields ``expected_tokens_per_step``.
     """
     _check_alpha_k(alpha, k)
-    if c < 0:
-        raise ValueError(f"draft cost c must be >= 0 (a fraction of a target forward), got {c}")
+    check("c", c, is_number(c) and c >= 0, "a number >= 0 (one draft forward's cost, in target forwards)")
     return expected_tokens_per_step(alpha, k) / (k * c + 1)
 
 
+def _check_k(k: int) -> None:
+    check("k", k, is_integer(k) and k >= 1, "an integer >= 1 (draft tokens per step)")
+
+
 def _check_alpha_k(alpha: float, k: int) -> None:
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"acceptance rate alpha must lie in [0, 1], got {alpha}")
-    if k < 1:
-        raise ValueError(f"k (draft tokens per step) must be >= 1, got {k}")
+    check("alpha", alpha, is_number(alpha) and 0.0 <= alpha <= 1.0, "an acceptance rate in [0, 1]")
+    _check_k(k)
 
 
 def accept_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,15 +114,18 @@ def accept_sampling(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, targe
     # q = 0 at the bonus position turns max(0, p - q) into p itself: one formula for both cases. After a
     # rejection q(x) > p(x) for the rejected x, so the residual always has some mass left.
     q_padded = torch.cat([draft_probs, torch.zeros_like(target_probs[:, :1])], 1)  # (B, k+1, vocab)
-    residual = (target_probs - q_padded).clamp(min=0)[torch.arange(batch), n_accepted]  # (B, vocab)
+    rows = torch.arange(batch, device=target_probs.device)
+    residual = (target_probs - q_padded).clamp(min=0)[rows, n_accepted]  # (B, vocab)
     next_token = torch.multinomial(residual, 1, generator=generator).squeeze(1)  # multinomial renormalises
     return n_accepted, next_token
 
 
 def _extend(model, sequence: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
     """Run ``model`` on the tokens its cache has not seen yet; returns their logits (1, T_new, vocab)."""
-    new = sequence[:, cache.get_seq_length():]  # (1, T_new): the whole prompt at first, then 1-2 tokens
-    return model(input_ids=new, cache=cache, use_cache=True).logits.float()
+    past = cache.get_seq_length()
+    new = sequence[:, past:]  # (1, T_new): the whole prompt at first, then 1-2 tokens
+    # the mask: a drafted EOS (also the pad id) is text, and without a mask transformers warns that it may be padding
+    return model(input_ids=new, attention_mask=no_padding_mask(new, past), cache=cache, use_cache=True).logits.float()
 
 
 def _crop(cache: DynamicCache, length: int) -> None:
@@ -129,6 +138,7 @@ def _crop(cache: DynamicCache, length: int) -> None:
 def propose(draft, sequence: torch.Tensor, cache: DynamicCache, k: int, temperature: float,
             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The draft's k guesses, one cheap forward each: tokens (1, k) and, when sampling, their q (1, k, vocab)."""
+    sequence = to_model_device(draft, sequence)
     tokens, probs = [sequence[:, :0]], []
     for _ in range(k):
         logits = _extend(draft, torch.cat([sequence, *tokens], 1), cache)[:, -1]  # (1, vocab)
@@ -148,8 +158,10 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
 
     ``temperature`` 0 is greedy (identical to the target's greedy output); > 0 samples from the target's
     softmax(logits / temperature). Stops after ``max_new_tokens`` or at ``eos_token_id``. Batch size 1.
+    Inputs follow the target; the draft must sit on the same device.
     """
     _check_arguments(target, draft, input_ids, max_new_tokens, k, temperature)
+    input_ids = to_model_device(target, input_ids)
     prompt_length = input_ids.shape[1]
     sequence = input_ids
     target_cache, draft_cache = DynamicCache(config=target.config), DynamicCache(config=draft.config)
@@ -180,15 +192,16 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, max_new_tokens:
 
 
 def _check_arguments(target, draft, input_ids: torch.Tensor, max_new_tokens: int, k: int, temperature: float) -> None:
-    if k < 1:
-        raise ValueError(f"k (draft tokens per step) must be >= 1, got {k}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must have shape (1, T) with T >= 1 (batch size 1), got {tuple(input_ids.shape)}")
+    _check_k(k)
+    check("max_new_tokens", max_new_tokens, is_integer(max_new_tokens) and max_new_tokens >= 1, "an integer >= 1")
+    check("temperature", temperature, is_number(temperature) and temperature >= 0, "a number >= 0 (0 = greedy)")
     v_target, v_draft = target.config.vocab_size, draft.config.vocab_size
     if v_target != v_draft:
         raise ValueError(f"draft and target must share one vocabulary (same tokenizer): target has {v_target} "
                          f"tokens, draft has {v_draft}")
+    check_token_ids(target, input_ids)
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must have shape (1, T) (batch size 1), got {tuple(input_ids.shape)}")
+    for model in (target, draft):
+        check_fits(model, input_ids.shape[1] + max_new_tokens,
+                   what=f"the prompt ({input_ids.shape[1]} tokens) + max_new_tokens")

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from course_lib.checks import check, is_integer
 from course_lib.devices import synchronize
 
 TokenCount = int | Callable[[Any], int]
@@ -69,9 +70,20 @@ def _timed(fn: Callable[[], Any], device: str | torch.device) -> tuple[float, An
     return time.perf_counter() - start, output
 
 
-def _check_counts(warmup: int, repeats: int) -> None:
-    if warmup < 0 or repeats < 1:
-        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+def _each(value) -> list:
+    """The values of a per-variant mapping, or the one shared value."""
+    return list(value.values()) if isinstance(value, Mapping) else [value]
+
+
+def _check_settings(warmup: int, repeats: int, new_tokens, bytes_moved) -> None:
+    """Clear errors for the settings ``benchmark`` and ``compare`` share (per-variant mappings item by item)."""
+    check("warmup", warmup, is_integer(warmup) and warmup >= 0, "an integer >= 0")
+    check("repeats", repeats, is_integer(repeats) and repeats >= 1, "an integer >= 1")
+    for count in _each(new_tokens):
+        check("new_tokens", count, callable(count) or is_integer(count) and count >= 0,
+              "an integer >= 0, or a function of fn's return value that counts the new tokens")
+    for size in _each(bytes_moved):
+        check("bytes_moved", size, size is None or is_integer(size) and size >= 0, "an integer >= 0 or None")
 
 
 @torch.inference_mode()
@@ -83,7 +95,7 @@ def benchmark(fn: Callable[[], Any], *, name: str = "run", warmup: int = 1, repe
     ``new_tokens`` is the count of generated tokens per call, or a function of ``fn``'s return value that
     counts them.
     """
-    _check_counts(warmup, repeats)
+    _check_settings(warmup, repeats, new_tokens, bytes_moved)
     for _ in range(warmup):
         fn()
     result = BenchResult(name, bytes_moved=bytes_moved)
@@ -136,7 +148,7 @@ def compare(variants: Mapping[str, Callable[[], Any]], *, baseline: str | None =
 
     ``baseline`` defaults to the first variant. ``new_tokens`` is one count for all, or one per variant.
     """
-    _check_counts(warmup, repeats)
+    _check_settings(warmup, repeats, new_tokens, bytes_moved)
     if not variants:
         raise ValueError("compare() needs at least one variant")
     baseline = baseline or next(iter(variants))

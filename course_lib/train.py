@@ -14,6 +14,7 @@ Everything is seeded; a run on the same torch build and thread count gives the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -26,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from course_lib.decoding.loop import no_padding_mask
+from course_lib.devices import to_model_device
 from course_lib.models import ASSETS_DIR, EOS_TOKEN, TOKENIZER_DIR
 
 SEPARATOR = EOS_TOKEN
@@ -167,13 +170,14 @@ def eval_windows(ids: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.T
 @torch.no_grad()
 def heldout_loss(model, ids: torch.Tensor, context: int = 256, batch_size: int = 16) -> tuple[float, int]:
     """Mean next-token loss (nats/token) over non-overlapping windows of ``ids``; also the token count."""
+    ids = to_model_device(model, ids)
     model.eval()
     x_all, y_all = eval_windows(ids, context)  # (N, T) each
     n_windows = len(x_all)
     total, count = 0.0, 0
     for i in range(0, n_windows, batch_size):
         x, y = x_all[i : i + batch_size], y_all[i : i + batch_size]
-        logits = model(input_ids=x).logits.float()  # (B, T, vocab)
+        logits = model(input_ids=x, attention_mask=no_padding_mask(x)).logits.float()  # (B, T, vocab)
         total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
         count += y.numel()
     return total / count, count
@@ -200,22 +204,27 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
 
 def random_windows(ids: torch.Tensor, context: int, batch_size: int,
                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch_size`` random windows of the stream: inputs and next-token targets, (B, T) each."""
+    """``batch_size`` random windows of the stream: inputs and next-token targets, (B, T) each, on ``ids``' device.
+
+    The starts come from the host generator ``gen``, so a seed picks the same windows on every device.
+    """
     if len(ids) < context + 2:
         raise ValueError(f"the token stream has {len(ids)} tokens; windows of context {context} need at least {context + 2}")
-    starts = torch.randint(0, len(ids) - context - 1, (batch_size,), generator=gen)
-    window = ids[starts[:, None] + torch.arange(context + 1)]  # (B, T+1)
+    starts = torch.randint(0, len(ids) - context - 1, (batch_size,), generator=gen).to(ids.device)
+    window = ids[starts[:, None] + torch.arange(context + 1, device=ids.device)]  # (B, T+1)
     return window[:, :-1], window[:, 1:]
 
 
 def train_step(model, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, lr: float,
                bf16: bool = True) -> torch.Tensor:
     """One optimizer step on the next-token loss of ``x`` -> ``y`` (B, T); returns the loss (detached)."""
+    x, y = to_model_device(model, x, y)
     model.train()
     for group in opt.param_groups:
         group["lr"] = lr
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(input_ids=x).logits  # (B, T, vocab)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        # the mask: the EOS between stories (also the pad id) is text, and without one transformers warns
+        logits = model(input_ids=x, attention_mask=no_padding_mask(x)).logits  # (B, T, vocab)
     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -316,6 +325,7 @@ def run(corpus: Path, preset: str, out_root: Path = ASSETS_DIR, steps: int | Non
     }
     out = out_root / "models" / cfg.name
     model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)  # a self-contained folder: load_model(out) refuses weights without a tokenizer
     GenerationConfig(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=tokenizer.eos_token_id).save_pretrained(out)
     write_card(out, cfg, facts)

@@ -43,7 +43,9 @@ class Choice:
     def widget(self, name: str):
         import ipywidgets as w
 
-        return w.Dropdown(value=self.value, options=list(self.options), description=name)
+        # "initial": the label is as wide as its text (the default width cuts "model_name" to "model_na...").
+        return w.Dropdown(value=self.value, options=list(self.options), description=name,
+                          style={"description_width": "initial"})
 
 
 def widgets_available() -> bool:
@@ -80,9 +82,10 @@ def playground(model, tokenizer, prompt: str, *, temperature: float = 0.8, top_k
     import matplotlib.pyplot as plt
 
     from course_lib.decoding.sampling import next_token_probs, sample, sampling_processors
+    from course_lib.devices import to_model_device
     from course_lib.plots import next_token_bars
 
-    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)  # (1, T)
+    input_ids = to_model_device(model, tokenizer(prompt, return_tensors="pt").input_ids)  # (1, T), moved once
 
     def render(temperature, top_k, top_p, repetition_penalty, seed, max_new_tokens):
         controls = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)

@@ -36,6 +36,15 @@ def test_execute_stores_outputs_and_reports_failures(tmp_path, capsys):
     assert nbformat.read(good, as_version=4).cells[0].outputs == []  # the source is untouched without --inplace
 
 
+def test_execute_prints_no_kernel_warning(tmp_path, capfd):
+    notebook = tmp_path / "00_quiet.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print('hi')")]), notebook)
+    assert cli.main(["execute", str(notebook), "--out", str(tmp_path / "executed")]) == 0
+    out, err = capfd.readouterr()  # file descriptors: the kernel is a subprocess that writes to them directly
+    assert "00_quiet.ipynb" in out
+    assert "WARNING" not in err and "without encryption" not in err, err
+
+
 def test_bench_prints_a_side_by_side_table(capsys):
     assert cli.main(["bench", "--model", "draft", "--new-tokens", "8", "--repeats", "1"]) == 0
     out = capsys.readouterr().out

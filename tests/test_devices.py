@@ -50,3 +50,20 @@ def test_environment_line_names_versions():
     assert line.startswith("device: cpu (")
     assert f"torch {torch.__version__}" in line and f"transformers {transformers.__version__}" in line
     assert f"{torch.get_num_threads()} CPU threads" in line
+
+
+def test_thread_setting_from_environment(monkeypatch):
+    from course_lib.devices import THREADS_ENV_VAR, apply_thread_setting
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv(THREADS_ENV_VAR, "1")
+        assert apply_thread_setting() == 1 and torch.get_num_threads() == 1
+        monkeypatch.delenv(THREADS_ENV_VAR)
+        assert apply_thread_setting() is None and torch.get_num_threads() == 1  # unset leaves torch alone
+        for bad in ("0", "two", "-1", "1.5"):
+            monkeypatch.setenv(THREADS_ENV_VAR, bad)
+            with pytest.raises(ValueError, match=r"\$COURSE_THREADS=.*whole number >= 1"):
+                apply_thread_setting()
+    finally:
+        torch.set_num_threads(before)

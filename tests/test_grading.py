@@ -146,6 +146,56 @@ def test_check_reports_success(registry, capsys):
     assert capsys.readouterr().out.strip() == "q1: all 1 tests passed"
 
 
+def test_check_says_in_a_sentence_what_assert_close_found(registry, capsys):
+    import torch
+
+    @checks.test("q1")
+    def masks_the_right_token():  # the learner's filter removed token 2, which should have stayed
+        torch.testing.assert_close(torch.tensor([[1.0, 2.0, float("-inf")], [0.0, 0.0, 0.0]]),
+                                   torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.5]]))
+
+    @checks.test("q1")
+    def has_the_right_shape():
+        torch.testing.assert_close(torch.zeros(2), torch.zeros(2, 1))
+
+    @checks.test("q1")
+    def is_close():
+        torch.testing.assert_close(torch.tensor([0.25, 1.0]), torch.tensor([0.25, 1.5]))
+
+    @checks.test("q1")
+    def returns_the_right_number():
+        torch.testing.assert_close(2.0, 3.0)
+
+    checks.check("q1")
+    out = capsys.readouterr().out
+    assert "2 of 6 values differ from the expected ones; the largest difference is at [0, 2]: expected 3, got -inf" in out
+    assert "the result has shape (2,), expected (2, 1)" in out
+    assert "1 of 2 values differ from the expected ones; the largest difference is at [1]: expected 1.5, got 1 " \
+           "(off by 0.5)" in out
+    assert "expected 3, got 2 (off by 1)" in out
+    assert "Greatest" not in out and "allowed" not in out and "not close" not in out
+
+
+def test_a_demo_cell_says_which_stub_to_write_instead_of_a_traceback(capsys):
+    namespace = {}
+    exec(markers.strip_solutions(SOLUTION) + "\nclass Filter:\n    def __init__(self):\n        "
+         + markers.STUB, namespace)
+    with checks.needs_your_code():
+        print("before")
+        namespace["add"](1, 2)
+        print("never printed")
+    with checks.needs_your_code():
+        namespace["Filter"]()
+    with checks.needs_your_code():
+        print("all written")
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["before", "not implemented yet: write add above and run its cell, then run this cell again",
+                   "not implemented yet: write Filter.__init__ above and run its cell, then run this cell again",
+                   "all written"]
+    with pytest.raises(NotImplementedError, match="sparse"), checks.needs_your_code():
+        raise NotImplementedError("sparse tensors are not supported")  # not a stub: a real error goes through
+
+
 @pytest.mark.parametrize("question, points", [("", 1), (3, 1), ("q1", 0)])
 def test_test_decorator_rejects_bad_arguments(question, points):
     with pytest.raises(ValueError):
@@ -237,3 +287,5 @@ def test_exercises_solutions_score_full_marks_and_student_versions_zero(tmp_path
         for row in rows:
             assert row["points"] == "0", f"{name} {row['question']}: a student version scored {row['points']}"
             assert row["message"].startswith("not attempted"), f"{name} {row['question']}: {row['message']}"
+        feedback = (tmp_path / "results" / name / "feedback" / "learner.txt").read_text(encoding="utf-8")
+        assert "raised an error" not in feedback, f"{name}: a fresh copy must run to its end (demo cells too)"

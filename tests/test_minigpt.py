@@ -102,7 +102,7 @@ def test_bad_input_is_refused(tiny_pair, tiny_llama):
     ids = random_ids(97, (1, 5))
     with pytest.raises(ValueError, match="batch, tokens"):
         ours(ids[0])
-    with pytest.raises(ValueError, match="context of 128"):
+    with pytest.raises(ValueError, match="context window of 128"):
         generate(ours, ids, 124)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(ours, ids, 0)

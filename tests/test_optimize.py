@@ -1,6 +1,10 @@
 """Precision, quantization and pruning change what they promise, keep the model running, and refuse bad input."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
@@ -150,6 +154,16 @@ def test_time_breakdown_adds_up(tiny_gpt2):
     assert parts["matmul kernels"] > 0 and parts["other torch ops"] > 0 and min(parts.values()) >= 0
     with pytest.raises(ValueError, match="repeats"):
         decode_time_breakdown(lambda: None, repeats=0)
+
+
+def test_time_breakdown_prints_nothing_on_stderr():
+    # A fresh process: the profiler's C++ logger reads its level once, at the first profile of a process.
+    code = ("import torch; from course_lib.optimize import decode_time_breakdown; "
+            "decode_time_breakdown(lambda: torch.ones(8) @ torch.ones(8), repeats=2)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"})
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == "", f"a learner would see this in pink under the cell: {run.stderr!r}"
 
 
 def test_compile_model_times_the_first_call(tiny_gpt2):

@@ -118,7 +118,7 @@ def test_stop_strings_match_generate(wide_gpt2, tokenizer):
     (lambda tok: StopStrings(tok, ""), "non-empty"),
     (lambda tok: StopStrings(tok, ["ok", ""]), "non-empty"),
     (lambda tok: StopStrings(tok, []), "at least one"),
-    (lambda tok: TimeLimit(0), "seconds > 0"),
+    (lambda tok: TimeLimit(0), "seconds must be a number > 0"),
     (lambda tok: EosStop([]), "at least one"),
     (lambda tok: MaxNewTokens(3, -1), "max_new_tokens"),
 ])

@@ -58,7 +58,7 @@ def test_compare_interleaves_and_reports_ratios(fake_clock):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="repeats >= 1"):
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
         benchmark(lambda: None, repeats=0)
     with pytest.raises(ValueError, match="baseline 'c' is not among"):
         compare({"a": lambda: None}, baseline="c")

@@ -16,10 +16,12 @@ from typing import Sequence
 
 import torch
 
+from course_lib.checks import check, is_integer, is_number
 from course_lib.decoding.loop import (
     Criterion, Processor, check_prompt, drop_full_mask, forward, grow, last_logits, new_cache, special_ids,
 )
 from course_lib.decoding.stopping import EosStop, MaxNewTokens, any_stop
+from course_lib.devices import to_model_device
 
 
 def degeneration_penalty(context: torch.Tensor, candidates: torch.Tensor,
@@ -43,10 +45,9 @@ def contrastive_scores(top_probs: torch.Tensor, penalty: torch.Tensor, alpha: fl
 
 
 def _check(penalty_alpha, top_k) -> None:
-    if not isinstance(penalty_alpha, (int, float)) or not 0.0 <= penalty_alpha <= 1.0:
-        raise ValueError(f"penalty_alpha must be a number in [0, 1], got {penalty_alpha!r}")
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"contrastive search needs top_k >= 1 candidates, got {top_k!r}")
+    check("penalty_alpha", penalty_alpha, is_number(penalty_alpha) and 0.0 <= penalty_alpha <= 1.0,
+          "a number in [0, 1] (0 is greedy search)")
+    check("top_k", top_k, is_integer(top_k) and top_k >= 1, "an integer >= 1 (the candidates compared per step)")
 
 
 @torch.inference_mode()
@@ -59,9 +60,11 @@ def contrastive_search(model, input_ids: torch.LongTensor, attention_mask: torch
     Each step runs the model once on all ``top_k`` candidates of every row (k copies of the KV cache), which
     gives both their hidden states for the penalty and, for the chosen one, the next step's logits.
     """
-    check_prompt(input_ids, attention_mask, max_new_tokens)
-    _check(penalty_alpha, top_k)
     eos, pad = special_ids(model, eos_token_id, pad_token_id)
+    check_prompt(model, input_ids, attention_mask, max_new_tokens, pad)
+    _check(penalty_alpha, top_k)
+    padded = drop_full_mask(attention_mask) is not None  # decided where the mask arrives (no sync for a host mask)
+    input_ids, attention_mask = to_model_device(model, input_ids, attention_mask)
     criteria = [MaxNewTokens(input_ids.shape[1], max_new_tokens), *stopping] + ([EosStop(eos)] if eos else [])
     if max_new_tokens == 0:
         return input_ids
@@ -69,7 +72,7 @@ def contrastive_search(model, input_ids: torch.LongTensor, attention_mask: torch
     rows = torch.arange(B, device=input_ids.device)
     context_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask  # (B, T): real tokens
     cache = new_cache(model)
-    out = forward(model, input_ids, drop_full_mask(attention_mask), cache, output_hidden_states=True)
+    out = forward(model, input_ids, attention_mask if padded else None, cache, output_hidden_states=True)
     context = out.hidden_states[-1]  # (B, T, H)
     logits = last_logits(out)  # (B, vocab)
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)

@@ -18,9 +18,11 @@ from typing import Sequence
 
 import torch
 
+from course_lib.checks import check, is_integer, is_number
 from course_lib.decoding.beam import BeamConfig, beam_step, best_hypotheses, gather, init_beams, search_done
-from course_lib.decoding.loop import Criterion, Processor
+from course_lib.decoding.loop import Criterion, Processor, drop_full_mask
 from course_lib.decoding.search import BeamDecoder, BeamSearchOutput, check_beam_args, setup_search
+from course_lib.devices import to_model_device
 
 
 def hamming_penalty(earlier_tokens: torch.LongTensor, vocab_size: int, diversity_penalty: float) -> torch.Tensor:
@@ -31,10 +33,11 @@ def hamming_penalty(earlier_tokens: torch.LongTensor, vocab_size: int, diversity
 
 
 def _check_groups(num_beams, num_beam_groups, diversity_penalty) -> None:
-    if not isinstance(num_beam_groups, int) or num_beam_groups < 1 or num_beams % num_beam_groups:
-        raise ValueError(f"num_beam_groups must be a divisor of num_beams={num_beams}, got {num_beam_groups!r}")
-    if not isinstance(diversity_penalty, (int, float)) or diversity_penalty < 0:
-        raise ValueError(f"diversity_penalty must be a number >= 0, got {diversity_penalty!r}")
+    check("num_beam_groups", num_beam_groups,
+          is_integer(num_beam_groups) and num_beam_groups >= 1 and num_beams % num_beam_groups == 0,
+          f"a divisor of num_beams={num_beams}")
+    check("diversity_penalty", diversity_penalty, is_number(diversity_penalty) and diversity_penalty >= 0,
+          "a number >= 0")
 
 
 @torch.inference_mode()
@@ -52,6 +55,7 @@ def diverse_beam_search(model, input_ids: torch.LongTensor, attention_mask: torc
     _check_groups(num_beams, num_beam_groups, diversity_penalty)
     eos, fill, stop = setup_search(model, input_ids, attention_mask, max_new_tokens, stopping, eos_token_id,
                                    pad_token_id)
+    input_ids, attention_mask = to_model_device(model, input_ids, drop_full_mask(attention_mask))
     B, T = input_ids.shape
     S = num_beams // num_beam_groups  # beams per group
     config = BeamConfig(S, T, T + max_new_tokens, float(length_penalty), early_stopping, len(eos))

@@ -18,7 +18,10 @@ from typing import Callable, Sequence
 import torch
 from transformers import DynamicCache
 
+from course_lib.checks import check, is_integer
 from course_lib.decoding.stopping import EosStop, MaxNewTokens, any_stop
+from course_lib.devices import to_model_device
+from course_lib.models import check_fits, check_token_ids
 
 Processor = Callable[[torch.LongTensor, torch.Tensor], torch.Tensor]
 Selector = Callable[[torch.Tensor], torch.LongTensor]
@@ -30,11 +33,13 @@ def new_cache(model) -> DynamicCache:
     return DynamicCache(config=model.config.get_text_config(decoder=True))
 
 
-def position_ids(attention_mask: torch.Tensor | None, new_len: int, past_len: int) -> torch.LongTensor:
-    """Positions of the ``new_len`` newest tokens. With left padding a row's first REAL token is position 0,
-    so positions count the ones of the mask; pads get 0 (they are masked out anyway), as in transformers."""
+def position_ids(attention_mask: torch.Tensor | None, new_len: int, past_len: int,
+                 device: torch.device) -> torch.LongTensor:
+    """Positions of the ``new_len`` newest tokens, on ``device``. With left padding a row's first REAL token is
+    position 0, so positions count the ones of the mask; pads get 0 (they are masked out anyway), as in
+    transformers."""
     if attention_mask is None:
-        return torch.arange(past_len, past_len + new_len).unsqueeze(0)  # (1, new_len)
+        return torch.arange(past_len, past_len + new_len, device=device).unsqueeze(0)  # (1, new_len)
     positions = attention_mask.long().cumsum(-1) - 1  # (B, past + new)
     return positions.masked_fill(attention_mask == 0, 0)[:, -new_len:]  # (B, new_len)
 
@@ -48,12 +53,25 @@ def _keeps_last_logits_only(model_class) -> bool:
 def forward(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, cache, **extra):
     """One forward pass over the tokens not yet in ``cache``; ``attention_mask`` covers cache + new tokens
     (``None`` = no padding). Returns the model output; the cache grows in place."""
+    input_ids, attention_mask = to_model_device(model, input_ids, attention_mask)
     past_len = cache.get_seq_length()
-    pos = position_ids(attention_mask, input_ids.shape[1], past_len).to(input_ids.device)
+    pos = position_ids(attention_mask, input_ids.shape[1], past_len, input_ids.device)
+    if attention_mask is None:
+        attention_mask = no_padding_mask(input_ids, past_len)
     if _keeps_last_logits_only(type(model)):
         extra.setdefault("logits_to_keep", 1)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, cache=cache,
                  use_cache=True, **extra)
+
+
+def no_padding_mask(input_ids: torch.Tensor, past_len: int = 0) -> torch.LongTensor:
+    """An all-ones attention mask over ``past_len`` cached tokens and the new ``input_ids`` (B, T): (B, past + T).
+
+    It says "no padding" explicitly. Given no mask, transformers guesses padding from the pad id and warns ("We
+    strongly recommend passing in an `attention_mask`"), and the bundled models' pad id is also their BOS and EOS,
+    so real text holds it. An all-ones mask changes nothing in the computation.
+    """
+    return torch.ones(input_ids.shape[0], past_len + input_ids.shape[1], dtype=torch.long, device=input_ids.device)
 
 
 def last_logits(output) -> torch.Tensor:
@@ -90,24 +108,60 @@ def special_ids(model, eos_token_id, pad_token_id) -> tuple[list[int], int | Non
     ``eos_token_id=[]`` to generate without EOS stopping."""
     config = model.generation_config
     eos = config.eos_token_id if eos_token_id is None else eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else [int(e) for e in eos]
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    check("eos_token_id", eos_token_id, isinstance(eos, (list, tuple)) and all(is_integer(e) and e >= 0 for e in eos),
+          "a token id, a list of token ids, or [] (no EOS stop)")
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
-    return eos, (eos[0] if pad is None and eos else pad)
+    check("pad_token_id", pad_token_id, pad is None or is_integer(pad) and pad >= 0, "a token id (an integer >= 0)")
+    return list(eos), (eos[0] if pad is None and eos else pad)
 
 
-def check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int) -> None:
-    """Clear errors for the mistakes every decoding function must refuse."""
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {tuple(input_ids.shape)}")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
-                         f"{tuple(input_ids.shape)}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+def check_prompt(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+                 pad_token_id: int | None = None) -> None:
+    """Clear errors, before anything reaches torch, for the mistakes every decoding function must refuse: ids
+    that are not a (batch, length) integer tensor of the model's vocabulary, a mask of another shape, a bad
+    ``max_new_tokens``, a prompt plus ``max_new_tokens`` longer than the model's context window, and a visibly
+    left-padded batch without its mask (see ``check_left_padding``; ``pad_token_id=None``: the model's)."""
+    pad_token_id = special_ids(model, None, pad_token_id)[1]
+    check_token_ids(model, input_ids)
+    if attention_mask is not None and getattr(attention_mask, "shape", None) != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(getattr(attention_mask, 'shape', ()))} must equal input_ids "
+                         f"shape {tuple(input_ids.shape)}")
+    check("max_new_tokens", max_new_tokens, is_integer(max_new_tokens) and max_new_tokens >= 0, "an integer >= 0")
+    prompt_len = input_ids.shape[1]
+    check_fits(model, prompt_len + max_new_tokens, what=f"the prompt ({prompt_len} tokens) + max_new_tokens")
+    if attention_mask is None:
+        check_left_padding(input_ids, pad_token_id)
+
+
+def check_left_padding(input_ids: torch.Tensor, pad_token_id: int | None) -> None:
+    """Refuse a batch that is visibly left-padded but comes without its attention mask (one host sync).
+
+    Without the mask the model reads the pads as text and counts positions from the first pad, so a padded row
+    silently gets a different continuation than the same prompt alone. The sign looked for: some rows start
+    with the pad id and others do not. A row that starts with the pad id proves nothing by itself: the bundled
+    models use id 0 as pad, EOS and BOS alike, and ``prompting.encode_prompt`` starts every prompt with that
+    BOS. So a batch in which EVERY row starts with the pad id (BOS-prefixed prompts, padded or not) cannot be
+    told apart from an unpadded one and is let through; so is a single row.
+    """
+    if pad_token_id is None or input_ids.shape[0] < 2:
+        return
+    starts_with_pad = input_ids[:, 0] == pad_token_id  # (B,)
+    n_padded = int(starts_with_pad.sum())
+    if 0 < n_padded < input_ids.shape[0]:
+        row = int(starts_with_pad.int().argmax())
+        raise ValueError(
+            f"input_ids look left-padded but attention_mask is None: row {row} starts with the pad id "
+            f"{pad_token_id} and other rows do not, and without the mask the model reads pads as text. Pass the "
+            f"tokenizer's attention_mask (batch = tokenizer(texts, padding=True, return_tensors='pt'), then "
+            f"batch.input_ids, batch.attention_mask). If those rows really begin with token {pad_token_id}, "
+            f"pass attention_mask=torch.ones_like(input_ids)."
+        )
 
 
 def drop_full_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Without padding the mask carries no information; transformers drops it (one host sync, once)."""
+    """Without padding the mask carries no information; transformers drops it. Call it where the mask arrives,
+    before ``to_model_device``: a host mask is then checked on the host, and only a device mask costs a sync."""
     if attention_mask is not None and bool((attention_mask == 1).all()):
         return None
     return attention_mask
@@ -129,12 +183,12 @@ def generate(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | 
     ``processors`` reshape the scores in order, ``select`` picks one id per row, and a row finishes when any
     criterion in ``stopping`` (or EOS, or ``max_new_tokens``) says so. The loop ends when every row is done.
     """
-    check_prompt(input_ids, attention_mask, max_new_tokens)
     eos, pad = special_ids(model, eos_token_id, pad_token_id)
+    check_prompt(model, input_ids, attention_mask, max_new_tokens, pad)
+    input_ids, attention_mask = to_model_device(model, input_ids, drop_full_mask(attention_mask))
     criteria = [MaxNewTokens(input_ids.shape[1], max_new_tokens), *stopping] + ([EosStop(eos)] if eos else [])
     if max_new_tokens == 0:
         return input_ids
-    attention_mask = drop_full_mask(attention_mask)
     cache = new_cache(model)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # (B,)
 

@@ -13,10 +13,11 @@ softmax gives them probability 0.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch
+
+from course_lib.checks import check, is_integer, is_number
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NEG_INF = -float("inf")
@@ -29,13 +30,14 @@ def apply_processors(processors: Sequence[Processor], input_ids: torch.Tensor, s
     return scores
 
 
-def _check(name: str, value, ok: bool, allowed: str) -> None:
-    if isinstance(value, bool) or not ok:
-        raise ValueError(f"{name}={value!r} is not allowed; {name} must be {allowed}")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+def check_scores(scores: torch.Tensor) -> None:
+    """Clear errors for scores no processor can take: not (batch, vocab), or holding NaN (one host sync)."""
+    if getattr(scores, "ndim", None) != 2:
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"scores must be a (batch, vocab) tensor, got {shape}; for a single row pass scores[None]")
+    if bool(torch.isnan(scores).any()):
+        raise ValueError("scores hold NaN, so no token can be ranked or sampled; check the model's logits and "
+                         "the processors before this one (inf - inf and 0 * inf give NaN)")
 
 
 def token_counts(input_ids: torch.Tensor, vocab_size: int, ignore_first: int | torch.Tensor = 0) -> torch.Tensor:
@@ -56,8 +58,8 @@ class _Truncation:
     """What the warpers that cut tokens share: the score a cut token gets, and how many tokens always survive."""
 
     def __init__(self, filter_value: float, min_tokens_to_keep: int):
-        ok = isinstance(min_tokens_to_keep, int) and min_tokens_to_keep >= 1
-        _check("min_tokens_to_keep", min_tokens_to_keep, ok, "an integer >= 1")
+        ok = is_integer(min_tokens_to_keep) and min_tokens_to_keep >= 1
+        check("min_tokens_to_keep", min_tokens_to_keep, ok, "an integer >= 1")
         self.filter_value = filter_value
         self.min_tokens_to_keep = min_tokens_to_keep
 
@@ -66,11 +68,12 @@ class Temperature:
     """Divide the logits by ``temperature``: < 1 sharpens, > 1 flattens. Matches ``TemperatureLogitsWarper``."""
 
     def __init__(self, temperature: float):
-        _check("temperature", temperature, _is_number(temperature) and temperature > 0,
+        check("temperature", temperature, is_number(temperature) and temperature > 0,
                "a number > 0 (for T -> 0 use greedy decoding instead)")
         self.temperature = float(temperature)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        check_scores(scores)
         return scores / self.temperature
 
 
@@ -81,11 +84,12 @@ class TopK(_Truncation):
     """
 
     def __init__(self, top_k: int, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
-        _check("top_k", top_k, isinstance(top_k, int) and top_k >= 0, "an integer >= 0 (0 disables top-k)")
+        check("top_k", top_k, is_integer(top_k) and top_k >= 0, "an integer >= 0 (0 disables top-k)")
         super().__init__(filter_value, min_tokens_to_keep)
         self.top_k = top_k
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        check_scores(scores)
         if self.top_k == 0:
             return scores
         k = min(max(self.top_k, self.min_tokens_to_keep), scores.shape[-1])
@@ -101,11 +105,12 @@ class TopP(_Truncation):
     """
 
     def __init__(self, top_p: float, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
-        _check("top_p", top_p, _is_number(top_p) and 0 < top_p <= 1, "a number in (0, 1] (1 keeps everything)")
+        check("top_p", top_p, is_number(top_p) and 0 < top_p <= 1, "a number in (0, 1] (1 keeps everything)")
         super().__init__(filter_value, min_tokens_to_keep)
         self.top_p = float(top_p)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        check_scores(scores)
         # Sorted from least to most likely, a token is dropped when it and everything below it hold at most
         # 1 - top_p of the mass; the token that crosses the line then still counts as kept.
         sorted_scores, order = torch.sort(scores, descending=False)  # (B, vocab) each
@@ -123,11 +128,12 @@ class MinP(_Truncation):
     """
 
     def __init__(self, min_p: float, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
-        _check("min_p", min_p, _is_number(min_p) and 0 <= min_p <= 1, "a number in [0, 1] (0 keeps everything)")
+        check("min_p", min_p, is_number(min_p) and 0 <= min_p <= 1, "a number in [0, 1] (0 keeps everything)")
         super().__init__(filter_value, min_tokens_to_keep)
         self.min_p = float(min_p)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        check_scores(scores)
         probs = scores.softmax(dim=-1)  # (B, vocab)
         threshold = self.min_p * probs.amax(dim=-1, keepdim=True)  # (B, 1): confident steps cut harder
         drop = probs < threshold
@@ -143,11 +149,12 @@ class TypicalP(_Truncation):
     """
 
     def __init__(self, mass: float, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
-        _check("typical_p", mass, _is_number(mass) and 0 < mass < 1, "a number in (0, 1) (generate skips 1.0)")
+        check("typical_p", mass, is_number(mass) and 0 < mass < 1, "a number in (0, 1) (generate skips 1.0)")
         super().__init__(filter_value, min_tokens_to_keep)
         self.mass = float(mass)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        check_scores(scores)
         logprobs = scores.log_softmax(dim=-1)  # (B, vocab)
         entropy = -(logprobs * logprobs.exp()).nansum(dim=-1, keepdim=True)  # (B, 1); nansum: 0 * -inf terms
         distance = (-logprobs - entropy).abs()  # (B, vocab): how far each surprisal is from the typical one
@@ -170,12 +177,13 @@ class RepetitionPenalty:
     """
 
     def __init__(self, penalty: float, ignore_first: int | torch.Tensor = 0):
-        _check("penalty", penalty, _is_number(penalty) and penalty > 0,
+        check("penalty", penalty, is_number(penalty) and penalty > 0,
                "a number > 0 (1 = no penalty, > 1 discourages repeats, < 1 encourages them)")
         self.penalty = float(penalty)
         self.ignore_first = ignore_first
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        check_scores(scores)
         seen = token_counts(input_ids, scores.shape[-1], self.ignore_first) > 0  # (B, vocab)
         penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
         return torch.where(seen, penalized, scores)
@@ -191,12 +199,13 @@ class FrequencyPresencePenalty:
 
     def __init__(self, frequency: float = 0.0, presence: float = 0.0, ignore_first: int | torch.Tensor = 0):
         for name, value in (("frequency_penalty", frequency), ("presence_penalty", presence)):
-            _check(name, value, _is_number(value) and -2 <= value <= 2, "a number in [-2, 2]")
+            check(name, value, is_number(value) and -2 <= value <= 2, "a number in [-2, 2]")
         self.frequency = float(frequency)
         self.presence = float(presence)
         self.ignore_first = ignore_first
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        check_scores(scores)
         counts = token_counts(input_ids, scores.shape[-1], self.ignore_first).to(scores.dtype)  # (B, vocab)
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
@@ -208,10 +217,11 @@ class NoRepeatNGram:
     """
 
     def __init__(self, ngram_size: int):
-        _check("ngram_size", ngram_size, isinstance(ngram_size, int) and ngram_size >= 1, "an integer >= 1")
+        check("ngram_size", ngram_size, is_integer(ngram_size) and ngram_size >= 1, "an integer >= 1")
         self.ngram_size = ngram_size
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        check_scores(scores)
         n, length, vocab = self.ngram_size, input_ids.shape[1], scores.shape[-1]
         if length < n:
             return scores

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from course_lib.decoding.loop import generate, new_cache, prefill
+from course_lib.checks import check, is_integer
+from course_lib.decoding.loop import check_prompt, generate, new_cache, prefill
 from course_lib.decoding.processors import (
     FrequencyPresencePenalty,
     MinP,
@@ -25,6 +26,7 @@ from course_lib.decoding.processors import (
     TypicalP,
     apply_processors,
 )
+from course_lib.devices import to_model_device
 
 
 def sample_select(scores: torch.Tensor) -> torch.LongTensor:
@@ -72,10 +74,12 @@ def sample(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | No
     ``seed`` (if given) seeds the global torch RNG first, so the same call gives the same text. EOS and pad
     default to the model's generation config, as in ``generate``.
     """
+    input_ids, attention_mask = to_model_device(model, input_ids, attention_mask)
     processors = sampling_processors(
         input_ids, attention_mask, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         typical_p=typical_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
+    check("seed", seed, seed is None or is_integer(seed) and 0 <= seed < 2**64, "an integer in [0, 2**64) or None")
     if seed is not None:
         torch.manual_seed(seed)
     return generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, processors=processors,
@@ -84,6 +88,8 @@ def sample(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | No
 
 def next_token_probs(model, input_ids: torch.LongTensor, processors=(), attention_mask=None) -> torch.Tensor:
     """The next-token distribution after ``processors``: (B, T) prompt -> (B, vocab) probabilities."""
+    check_prompt(model, input_ids, attention_mask, max_new_tokens=0)
+    input_ids, attention_mask = to_model_device(model, input_ids, attention_mask)
     logits = prefill(model, input_ids, attention_mask, new_cache(model))  # (B, vocab)
     return torch.softmax(apply_processors(processors, input_ids, logits), dim=-1)
 

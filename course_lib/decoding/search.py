@@ -13,12 +13,14 @@ from typing import Sequence
 
 import torch
 
+from course_lib.checks import check, is_integer, is_number
 from course_lib.decoding.beam import BeamConfig, StepRecord, beam_step, best_hypotheses, init_beams, search_done
 from course_lib.decoding.loop import (
     Criterion, Processor, check_prompt, decode_step, drop_full_mask, generate, greedy_select, grow, new_cache,
     prefill, special_ids,
 )
 from course_lib.decoding.stopping import EosStop, MaxNewTokens, any_stop
+from course_lib.devices import to_model_device
 
 
 def greedy_search(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, *,
@@ -40,26 +42,28 @@ class BeamSearchOutput:
 
 def check_beam_args(num_beams, num_return_sequences, max_new_tokens, length_penalty, early_stopping) -> None:
     """Clear errors for the beam settings transformers would refuse (or silently misuse)."""
-    if not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
-    if not isinstance(num_return_sequences, int) or not 1 <= num_return_sequences <= num_beams:
-        raise ValueError(f"num_return_sequences must be between 1 and num_beams={num_beams}, "
-                         f"got {num_return_sequences!r}: beam search only keeps num_beams hypotheses")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"beam search needs max_new_tokens >= 1, got {max_new_tokens!r}")
-    if not isinstance(length_penalty, (int, float)) or isinstance(length_penalty, bool):
-        raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
-    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    check("num_beams", num_beams, is_integer(num_beams) and num_beams >= 1, "an integer >= 1")
+    check("num_return_sequences", num_return_sequences,
+          is_integer(num_return_sequences) and 1 <= num_return_sequences <= num_beams,
+          f"an integer between 1 and num_beams={num_beams}: beam search only keeps num_beams hypotheses")
+    check("max_new_tokens", max_new_tokens, is_integer(max_new_tokens) and max_new_tokens >= 1,
+          "an integer >= 1 for beam search")
+    check("length_penalty", length_penalty, is_number(length_penalty),
+          "a finite number (> 0 favours longer hypotheses, < 0 shorter ones)")
+    check("early_stopping", early_stopping, isinstance(early_stopping, bool) or early_stopping == "never",
+          "True, False or 'never'")
 
 
 class BeamDecoder:
-    """The model side of beam search: a KV cache for B * K rows, reordered to follow the surviving beams."""
+    """The model side of beam search: a KV cache for B * K rows, reordered to follow the surviving beams.
 
-    def __init__(self, model, input_ids: torch.LongTensor, attention_mask, num_beams: int):
+    ``attention_mask`` is None when no prompt is padded (``drop_full_mask`` decides that before the move).
+    """
+
+    def __init__(self, model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, num_beams: int):
+        input_ids, mask = to_model_device(model, input_ids, attention_mask)
         self.model, self.K = model, num_beams
         self.cache = new_cache(model)
-        mask = drop_full_mask(attention_mask)
         self.mask = None if mask is None else mask.repeat_interleave(num_beams, dim=0)  # (B*K, T)
         self.logits = prefill(model, input_ids.repeat_interleave(num_beams, dim=0), self.mask, self.cache)
 
@@ -75,8 +79,8 @@ class BeamDecoder:
 
 def setup_search(model, input_ids, attention_mask, max_new_tokens, stopping, eos_token_id, pad_token_id):
     """Checks, EOS ids, the id that fills ended hypotheses, and one ``ids -> (N,) done`` stopping function."""
-    check_prompt(input_ids, attention_mask, max_new_tokens)
     eos, pad = special_ids(model, eos_token_id, pad_token_id)
+    check_prompt(model, input_ids, attention_mask, max_new_tokens, pad)
     criteria = [MaxNewTokens(input_ids.shape[1], max_new_tokens), *stopping] + ([EosStop(eos)] if eos else [])
     fill = pad if pad is not None else (eos[0] if eos else -1)  # what follows a hypothesis that ended early
     return eos, fill, lambda ids: any_stop(criteria, ids, None)
@@ -97,6 +101,7 @@ def beam_search(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor
     check_beam_args(num_beams, num_return_sequences, max_new_tokens, length_penalty, early_stopping)
     eos, fill, stop = setup_search(model, input_ids, attention_mask, max_new_tokens, stopping, eos_token_id,
                                    pad_token_id)
+    input_ids, attention_mask = to_model_device(model, input_ids, drop_full_mask(attention_mask))
     B, T = input_ids.shape
     config = BeamConfig(num_beams, T, T + max_new_tokens, float(length_penalty), early_stopping, len(eos))
     beams = init_beams(input_ids, config, fill)

@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from course_lib.checks import check, is_integer, is_number
+
 
 class EosStop:
     """Done once the newest token is an end-of-sequence id (rows may finish at different steps)."""
@@ -32,8 +34,7 @@ class MaxNewTokens:
     """Done once ``max_new_tokens`` tokens follow the prompt of length ``prompt_len`` (all rows at once)."""
 
     def __init__(self, prompt_len: int, max_new_tokens: int):
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        check("max_new_tokens", max_new_tokens, is_integer(max_new_tokens) and max_new_tokens >= 0, "an integer >= 0")
         self.max_length = prompt_len + max_new_tokens
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor | None = None) -> torch.BoolTensor:
@@ -46,8 +47,7 @@ class TimeLimit:
     (make it right before generating). Useful to bound latency; the output length then depends on speed."""
 
     def __init__(self, seconds: float):
-        if not seconds > 0:
-            raise ValueError(f"TimeLimit needs seconds > 0, got {seconds!r}")
+        check("seconds", seconds, is_number(seconds) and seconds > 0, "a number > 0 (the wall-clock budget)")
         self.seconds = seconds
         self.start = time.perf_counter()
 
@@ -65,6 +65,8 @@ class StopStrings:
     """
 
     def __init__(self, tokenizer, stop_strings: str | Sequence[str]):
+        check("stop_strings", stop_strings, isinstance(stop_strings, (str, list, tuple)),
+              "a string or a list of strings")
         strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
         if not strings:
             raise ValueError("StopStrings needs at least one stop string")

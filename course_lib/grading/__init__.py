@@ -2,11 +2,11 @@
 
 In an exercise notebook::
 
-    from course_lib.grading import check, test
+    from course_lib.grading import check, needs_your_code, test
 
 The instructor's side (``build``, ``grade_folder``) is imported lazily by the command line.
 """
 
-from course_lib.grading.checks import check, test
+from course_lib.grading.checks import check, needs_your_code, test
 
-__all__ = ["check", "test"]
+__all__ = ["check", "needs_your_code", "test"]

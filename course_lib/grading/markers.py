@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import re
 
-STUB = 'raise NotImplementedError("your code here: replace this line with your solution")'
+STUB_MESSAGE = "your code here: replace this line with your solution"
+STUB = f'raise NotImplementedError("{STUB_MESSAGE}")'
 
 _BEGIN_SOLUTION, _END_SOLUTION = "# BEGIN SOLUTION", "# END SOLUTION"
 _BEGIN_HIDDEN, _END_HIDDEN = "# BEGIN HIDDEN", "# END HIDDEN"
