@@ -8,6 +8,15 @@ from course_lib.models import load_model
 from tiny_models import make_tiny_model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: thread start-up costs more than the maths, and the machine is shared (use per module)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2():
     return make_tiny_model("gpt2")

@@ -21,13 +21,7 @@ NEW = 12  # new tokens per run: enough for EOS to matter, short enough to stay f
 PAD = 1  # not 0: transformers fills ended beams with EOS when the pad id is 0 (a truthiness quirk)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: thread start-up costs more than the maths, and the machine is shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def padded_prompts(seed: int = 1, lengths=(4, 6, 7), vocab: int = 97):
