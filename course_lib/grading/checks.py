@@ -1,13 +1,17 @@
 """Tests of an exercise, and the learner's one-line ``check("q1")``.
 
-A tests cell registers each test with a decorator; ``check`` runs the tests of one question against the
-definitions the learner has in the kernel right now and prints one readable line per failure::
+A test calls the learner's code on inputs it chooses and returns the result as data; ``expect`` says what
+the result should be. ``check`` runs the tests of one question against the definitions the learner has in the
+kernel right now and prints one readable line per failure::
 
-    @test("q1", hint="Sort the probabilities from high to low before the cumulative sum.")
+    @test("q1", hint="Sort the probabilities from high to low before the cumulative sum.", expect=[[3.0, -inf]])
     def keeps_the_most_likely_token():
-        assert top_p_filter(torch.tensor([[3.0, 1.0]]), 0.1)[0, 0] == 3.0
+        return top_p_filter(torch.tensor([[3.0, 1.0]]), 0.1).tolist()
 
     check("q1")   # q1: all 3 tests passed
+
+A test never decides its own verdict: ``values.compare`` does, here and in the grader, which compares the
+result a submission returned (in its sandbox) with the expected result of the instructor's run.
 
 Plain text only, so it reads the same in JupyterLab, Colab and a grader's log.
 """
@@ -15,7 +19,7 @@ Plain text only, so it reads the same in JupyterLab, Colab and a grader's log.
 from __future__ import annotations
 
 import math
-import re
+import random
 import sysconfig
 import traceback
 from contextlib import contextmanager
@@ -23,23 +27,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
+
 from course_lib.grading.markers import STUB_MESSAGE
+from course_lib.grading.values import ValueTypeError, compare, decode, encode
 
 _LIBRARY_DIRS = tuple({sysconfig.get_paths()[key] for key in ("stdlib", "purelib", "platlib")})
 _MAX_MESSAGE = 600
-# torch.testing.assert_close's report: "Mismatched elements: 2 / 6 (33.3%)", "Greatest absolute difference:
-# inf at index (0, 2) (up to 1e-05 allowed)".
-_MISMATCHED = re.compile(r"Mismatched elements: (\d+) / (\d+)")
-_WORST_AT = re.compile(r"Greatest absolute difference: \S+ at index \(([\d, ]*)\)")
+
+
+_NOTHING = object()
 
 
 @dataclass
 class Test:
     question: str
     name: str
-    run: Callable[[], None]
+    run: Callable[[], Any]   # calls the learner's code and returns its result (data, see values.py)
     hint: str
     points: float
+    expect: Any = _NOTHING   # the expected result, or a no-argument function that computes it
+    atol: float | None = None
+    rtol: float | None = None
+
+    @property
+    def has_expect(self) -> bool:
+        return self.expect is not _NOTHING
+
+    def expected(self) -> Any:
+        return self.expect() if callable(self.expect) else self.expect
 
 
 @dataclass
@@ -58,18 +74,42 @@ class Outcome:
 REGISTRY: dict[str, dict[str, Test]] = {}
 
 
-def test(question: str, hint: str = "", points: float = 1.0) -> Callable:
-    """Decorator: register a no-argument function as a test of ``question``, worth ``points``."""
+def test(question: str, hint: str = "", points: float = 1.0, *, expect: Any = _NOTHING,
+         atol: float | None = None, rtol: float | None = None) -> Callable:
+    """Decorator: register a no-argument function as a test of ``question``, worth ``points``.
+
+    The function calls the learner's code on inputs it chooses and returns the result as data (numbers,
+    strings, tensors, lists and dicts of those); ``expect`` is the right result, or a no-argument function
+    that computes it. Floats are compared within ``atol``/``rtol`` (see ``values.compare``).
+
+    When grading, the function runs in the submission's sandbox and ``expect`` only in the instructor's run:
+    keep reference implementations inside ``expect``, never in the rest of a tests cell.
+    """
     if not isinstance(question, str) or not question:
         raise ValueError(f"question must be a non-empty string like 'q1', got {question!r}")
-    if points <= 0:
-        raise ValueError(f"points must be positive, got {points}")
+    if not (isinstance(points, (int, float)) and math.isfinite(points) and points > 0):
+        raise ValueError(f"points must be a positive number, got {points!r}")
 
-    def register(fn: Callable[[], None]) -> Callable[[], None]:
-        REGISTRY.setdefault(question, {})[fn.__name__] = Test(question, fn.__name__, fn, hint, points)
+    def register(fn: Callable[[], Any]) -> Callable[[], Any]:
+        REGISTRY.setdefault(question, {})[fn.__name__] = Test(question, fn.__name__, fn, hint, float(points),
+                                                              expect, atol, rtol)
         return fn
 
     return register
+
+
+@contextmanager
+def seeded(seed: int = 0) -> Iterator[None]:
+    """Run a block with torch and ``random`` seeded, restoring the caller's random state afterwards, so that
+    a test builds the same inputs in the learner's kernel, the submission's sandbox and the instructor's run."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
 
 
 def _where(exc: BaseException) -> str:
@@ -83,65 +123,35 @@ def _where(exc: BaseException) -> str:
     return f" (line {frame.lineno} in {frame.name}{code})"
 
 
-def _compared(exc: BaseException) -> tuple[Any, Any] | None:
-    """(actual, expected) of the ``torch.testing.assert_close`` call that raised ``exc``; None for other errors."""
-    tb = exc.__traceback__
-    while tb is not None:
-        code = tb.tb_frame.f_code
-        if code.co_name == "assert_close" and "torch" in Path(code.co_filename).parts:
-            return tb.tb_frame.f_locals.get("actual"), tb.tb_frame.f_locals.get("expected")
-        tb = tb.tb_next
-    return None
-
-
-def _close_failure(exc: AssertionError) -> str | None:
-    """A failed ``torch.testing.assert_close`` as one sentence: what differs, where, and by how much (instead
-    of its tolerance report, e.g. "Greatest relative difference: nan"). None when ``exc`` came from elsewhere."""
-    compared = _compared(exc)
-    if compared is None:
-        return None
-    actual, expected = compared
-    if all(isinstance(x, (int, float)) for x in compared):
-        return _expected_got(expected, actual)
-    if not all(hasattr(x, "shape") and hasattr(x, "dtype") for x in compared):
-        return None  # lists and other containers: torch names the failing item itself
-    if tuple(actual.shape) != tuple(expected.shape):
-        return f"the result has shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
-    if actual.dtype != expected.dtype:
-        return f"the result has dtype {actual.dtype}, expected {expected.dtype}"
-    mismatched, worst = _MISMATCHED.search(str(exc)), _WORST_AT.search(str(exc))
-    if not (mismatched and worst):
-        return None
-    index = tuple(int(i) for i in worst.group(1).split(",") if i.strip())
-    return (f"{mismatched.group(1)} of {mismatched.group(2)} values differ from the expected ones; the largest "
-            f"difference is at [{', '.join(map(str, index))}]: "
-            + _expected_got(expected[index].item(), actual[index].item()))
-
-
-def _expected_got(expected: float, got: float) -> str:
-    """'expected 3, got 2.5 (off by 0.5)'; without the gap when it is not a finite number (inf, nan)."""
-    gap = abs(got - expected)
-    return f"expected {expected:.4g}, got {got:.4g}" + (f" (off by {gap:.2g})" if math.isfinite(gap) else "")
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, AssertionError):
-        text = _close_failure(exc) or str(exc).strip() or "assertion failed"
-        text += _where(exc) if not str(exc).strip() else ""
-    else:
-        text = f"{type(exc).__name__}: {exc}{_where(exc)}"
+def _describe(exc: BaseException) -> str:
+    """An exception raised by the learner's code as one line, with the line of notebook code that raised it."""
+    text = f"{type(exc).__name__}: {exc}".rstrip(": ") + _where(exc)
     return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + " [...]"
 
 
 def run_test(t: Test) -> Outcome:
-    """Run one test; any exception from the learner's code becomes a failed Outcome with a short message."""
+    """Run one test in this kernel: the expected result first, then the learner's, then compare the two.
+
+    Both go through ``values.encode``/``decode`` (as they do when grading), both with the same seed."""
+    def outcome(message: str = "", not_started: bool = False) -> Outcome:
+        passed = not message
+        return Outcome(t.question, t.name, passed, t.points if passed else 0.0, t.points, message, t.hint,
+                       not_started)
+
+    if not t.has_expect:
+        return outcome("this test has no expect=... (a mistake in the exercise, not in your code)")
+    with seeded():
+        expected = decode(encode(t.expected()))
     try:
-        t.run()
+        with seeded():
+            actual = decode(encode(t.run()))
     except NotImplementedError as exc:
-        return Outcome(t.question, t.name, False, 0.0, t.points, _describe(exc), t.hint, not_started=True)
+        return outcome(_describe(exc), not_started=str(exc) == STUB_MESSAGE)
+    except ValueTypeError as exc:
+        return outcome(str(exc))
     except (Exception, SystemExit) as exc:  # KeyboardInterrupt still stops a learner's endless loop
-        return Outcome(t.question, t.name, False, 0.0, t.points, _describe(exc), t.hint)
-    return Outcome(t.question, t.name, True, t.points, t.points, "", t.hint)
+        return outcome(_describe(exc))
+    return outcome(compare(actual, expected, t.atol, t.rtol))
 
 
 def run_tests(question: str) -> list[Outcome]:

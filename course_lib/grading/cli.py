@@ -23,8 +23,11 @@ def _grade(args: argparse.Namespace) -> int:
     from course_lib.grading.grade import grade_folder
 
     try:
+        if args.no_sandbox:
+            print("WARNING: --no-sandbox: submissions run with your permissions, unconfined; use it only for "
+                  "submissions you trust. The CSV and every feedback file say so.", file=sys.stderr, flush=True)
         rows = grade_folder(args.exercise, args.submissions, args.results, timeout=args.timeout,
-                            jobs=args.jobs)
+                            jobs=args.jobs, use_sandbox=not args.no_sandbox, memory_mb=args.memory_mb)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -54,6 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="the exercise's source notebook, e.g. exercises/05_top_p_exercises.ipynb")
     grade.add_argument("--timeout", type=float, default=60.0, help="seconds allowed per submission (default: 60)")
     grade.add_argument("--jobs", type=int, default=1, help="submissions to run at a time (default: 1)")
+    grade.add_argument("--memory-mb", type=int, default=4096,
+                       help="address space allowed per submission, in MB (default: 4096)")
+    grade.add_argument("--no-sandbox", action="store_true",
+                       help="run submissions without bubblewrap (only for submissions you trust)")
     grade.set_defaults(func=_grade)
 
 

@@ -1,26 +1,33 @@
 """Grading a folder of submitted notebooks against an exercise's source notebook.
 
-Each submission is copied into a fresh temporary folder and run there by ``runner.py`` in its own Python
-subprocess, with a time limit and the hidden tests. The grader itself never executes learner code, reads every
-submission into memory before the first one runs, and checks afterwards that none of the files changed.
+The instructor's run (``verify``) executes the source notebook, solutions and all tests, in the sandbox, and
+keeps what each test expects. Each submission then runs in its own sandbox (``sandbox.run``) on the same
+tests with ``expect=`` removed, and returns only the data its functions produced. This process, which never
+runs a submission's code, compares that data with the expected results and awards the points: the ones the
+source gives each test, once per test, whatever the submission reports. Every text in the feedback and the CSV
+is written here; the only text taken from a submission is the error of its own cells, read before any test was
+sent into its sandbox, so no hidden test or solution can reach a feedback file.
 """
 
 from __future__ import annotations
 
+import ast
 import csv
-import hashlib
+import io
 import json
 import os
-import signal
-import subprocess
-import sys
+import re
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding course_lib/
+from course_lib.grading import sandbox
+from course_lib.grading.markers import hidden_blocks, is_check_cell, is_tests_cell, strip_hidden, student_notebook
+from course_lib.grading.submissions import Submission, code_cells, library_uses, read_folder
+from course_lib.grading.values import compare, decode
+
+_RUNNING = re.compile(r"^(code cell \d+|test \w+)$")
 
 
 class ExerciseError(ValueError):
@@ -28,78 +35,17 @@ class ExerciseError(ValueError):
 
 
 @dataclass
-class Result:
-    """What one run of a notebook produced."""
+class RefTest:
+    """One test as the instructor's run defined it: the only source of points, tolerances and expectations."""
 
-    outcomes: list[dict] = field(default_factory=list)     # one per test, see checks.Outcome (+ "hidden")
-    cell_errors: list[dict] = field(default_factory=list)  # {"cell": number, "error": "Type: message"}
-    problem: str = ""  # why the run stopped early (time limit, crash, unreadable file); "" when it finished
-    seconds: float = 0.0
-
-    def earned(self, question: str) -> float:
-        return sum(o["points"] for o in self.outcomes if o["question"] == question)
-
-
-def _child_env(workdir: Path) -> dict:
-    env = dict(os.environ)
-    # Everything a library might cache or write goes into the submission's own folder.
-    env.update(HOME=str(workdir), TMPDIR=str(workdir), MPLCONFIGDIR=str(workdir), IPYTHONDIR=str(workdir),
-               MPLBACKEND="Agg", PYTHONDONTWRITEBYTECODE="1", COURSE_STATIC="1", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")])))
-    return env
-
-
-def _tail(path: Path, chars: int = 400) -> str:
-    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
-    return " ".join(text[-chars:].split())
-
-
-def run_notebook(notebook: bytes, source: Path, timeout: float) -> Result:
-    """Run one notebook's bytes against ``source``'s tests in a subprocess; never raises for bad notebooks."""
-    with tempfile.TemporaryDirectory(prefix="course-grade-") as tmp:
-        workdir = Path(tmp) / "work"
-        workdir.mkdir()
-        (workdir / "submission.ipynb").write_bytes(notebook)
-        results, log = Path(tmp) / "results.jsonl", Path(tmp) / "output.log"
-        command = [sys.executable, "-m", "course_lib.grading.runner", "submission.ipynb",
-                   str(source.resolve()), str(results)]
-        start = time.perf_counter()
-        with open(log, "wb") as output:
-            # A new session: on a time limit the whole process group is killed, whatever it started.
-            child = subprocess.Popen(command, cwd=workdir, env=_child_env(workdir), stdin=subprocess.DEVNULL,
-                                     stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                child.wait(timeout=timeout)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
-                timed_out = True
-        result = Result(seconds=time.perf_counter() - start)
-        running, done = "the start", False
-        lines = results.read_text(encoding="utf-8", errors="replace").splitlines() if results.exists() else []
-        for line in lines:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue  # a half-written last line of a killed run
-            running = entry.get("running", running)
-            done = done or entry.get("done", False)
-            result.problem = entry.get("fatal", result.problem)
-            if "cell_error" in entry:
-                result.cell_errors.append(entry["cell_error"])
-            if "outcome" in entry:
-                result.outcomes.append(entry["outcome"])
-        if timed_out and not done:
-            result.problem = f"stopped after the time limit of {timeout:g} s while running {running}"
-        elif not done and not result.problem:
-            how = (f"killed by signal {signal.Signals(-child.returncode).name}" if child.returncode < 0
-                   else f"exited with code {child.returncode}")
-            output = _tail(log)
-            result.problem = (f"the notebook stopped the grading run ({how}) while running {running}"
-                              + (f"; last output: {output}" if output else ""))
-        return result
+    question: str
+    name: str
+    points: float
+    hint: str
+    hidden: bool
+    expected: object
+    atol: float | None
+    rtol: float | None
 
 
 @dataclass
@@ -107,99 +53,299 @@ class Reference:
     """An exercise's source notebook after its solutions passed all their tests."""
 
     source: Path
-    questions: dict[str, float]  # question -> max points, in notebook order
-    result: Result
+    tests: list[RefTest]
+    submission_jobs: list[dict]       # the tests jobs a submission receives: visible parts, then hidden ones
+    visible_jobs: int
+    template: list[str]               # the learner's starting code cells (for library_uses)
+    library: dict[str, list[str]]     # question -> library implementations to flag
+    sandboxed: bool
+    seconds: float
+
+    @property
+    def questions(self) -> dict[str, float]:
+        """question -> max points, in notebook order."""
+        points: dict[str, float] = {}
+        for t in self.tests:
+            points[t.question] = points.get(t.question, 0.0) + t.points
+        return points
 
 
-def verify(source: Path, timeout: float = 120.0) -> Reference:
+def without_expect(source: str) -> str:
+    """A tests cell's source with every ``expect=`` removed from its ``@test(...)`` decorators (what a
+    submission's sandbox receives: the expected results exist only in the instructor's run)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "test":
+            node.keywords = [k for k in node.keywords if k.arg != "expect"]
+    return ast.unparse(tree)
+
+
+def _test_parts(tests_cells: list[str], where: Path) -> tuple[list[str], int]:
+    """The sources of the tests jobs (all visible parts, then all hidden parts) and how many are visible."""
+    visible = [strip_hidden(c) for c in tests_cells]
+    parts = visible + [h for c in tests_cells for h in hidden_blocks(c)]
+    for part in parts:
+        try:
+            ast.parse(part)
+        except SyntaxError as exc:
+            raise ExerciseError(f"{where.name}: a tests cell (or one of its hidden blocks) is not valid Python on "
+                                f"its own: {exc}") from None
+    return parts, len(visible)
+
+
+def _load_source(source: Path) -> tuple[dict, list[str], list[str]]:
+    try:
+        notebook = json.loads(Path(source).read_text(encoding="utf-8"))
+        cells = code_cells(notebook)
+    except (OSError, ValueError) as exc:
+        raise ExerciseError(f"{source}: cannot read the exercise's source notebook: {exc}") from None
+    tests = [c for c in cells if is_tests_cell(c)]
+    if not tests:
+        raise ExerciseError(f"{source}: the exercise has no tests cell ('# BEGIN TESTS' ... '# END TESTS')")
+    return notebook, [c for c in cells if not (is_tests_cell(c) or is_check_cell(c))], tests
+
+
+def verify(source: Path, limits: sandbox.Limits | None = None, use_sandbox: bool = True) -> Reference:
     """Run the source notebook's solutions against all its tests; ExerciseError unless everything passes."""
-    source = Path(source)
-    result = run_notebook(source.read_bytes(), source, timeout)
-    failures = [f"cell {e['cell']}: {e['error']}" for e in result.cell_errors]
-    failures += [f"test {o['name']} of {o['question']}: {o['message']}" for o in result.outcomes if not o["passed"]]
-    if result.problem or failures or not result.outcomes:
-        details = "; ".join(filter(None, [result.problem, *failures])) or "it defines no tests"
-        raise ExerciseError(f"{source.name}: the solution does not pass its own tests: {details}")
-    questions: dict[str, float] = {}
-    for o in result.outcomes:
-        questions[o["question"]] = questions.get(o["question"], 0.0) + o["max_points"]
-    return Reference(source, questions, result)
+    source, limits = Path(source), limits or sandbox.Limits(timeout=120.0)
+    notebook, cells, tests_cells = _load_source(source)
+    parts, visible = _test_parts(tests_cells, source)
+    run = sandbox.run([{"cells": cells}, *({"tests": p} for p in parts)], limits, sandbox=use_sandbox)
+    failures = [f"cell {e['cell_error']['cell']}: {e['cell_error']['error']}" for _, e in run.entries
+                if "cell_error" in e] + [f"tests cell: {e['tests_error']}" for _, e in run.entries if "tests_error" in e]
+    tests = []
+    for sent, entry in run.entries:
+        if "test" not in entry:
+            continue
+        t = entry["test"]
+        if "value" not in entry.get("expected", {}):
+            failures.append(f"test {t['name']}: no expect= value could be computed ({entry.get('expected')})")
+            continue
+        expected = decode(entry["expected"]["value"])
+        result = entry["result"]
+        problem = (compare(decode(result["value"]), expected, t["atol"], t["rtol"]) if "value" in result
+                   else f"raised {result.get('raised') or result.get('unsupported')}")
+        if problem:
+            failures.append(f"test {t['name']} of {t['question']}: {problem}")
+        tests.append(RefTest(t["question"], t["name"], t["points"], t["hint"], sent - 1 > visible, expected,
+                             t["atol"], t["rtol"]))
+    names = [(t.question, t.name) for t in tests]
+    if len(set(names)) != len(names):
+        failures.append("two tests of one question have the same name")
+    if run.problem or failures or not tests:
+        details = "; ".join(filter(None, [run.problem, *failures])) or "it defines no tests"
+        raise ExerciseError(f"{source.name}: the solution does not pass its own tests: {details}"
+                            + (f"\n{run.diagnostics[-2000:]}" if run.problem and run.diagnostics else ""))
+    template = code_cells(student_notebook(notebook, source.stem))
+    library = notebook.get("metadata", {}).get("grading", {}).get("library_implementations", {})
+    return Reference(source, tests, [{"tests": without_expect(p)} for p in parts], visible, template, library,
+                     use_sandbox, run.seconds)
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+@dataclass
+class Verdict:
+    """One test's result for one submission, decided here."""
+
+    test: RefTest
+    passed: bool = False
+    message: str = "not run (the run ended before this test)"
+    not_started: bool = False
 
 
-def _message(result: Result, question: str) -> str:
-    mine = [o for o in result.outcomes if o["question"] == question]
-    failed = [o for o in mine if not o["passed"]]
-    parts = [result.problem] if result.problem else []
-    if mine and not failed:
-        parts.append(f"all {len(mine)} tests passed")
-    elif mine and all(o["not_started"] for o in mine):
+@dataclass
+class Graded:
+    student: str
+    verdicts: list[Verdict] = field(default_factory=list)
+    cell_errors: list[str] = field(default_factory=list)
+    problem: str = ""
+    flags: dict[str, list[str]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def earned(self, question: str) -> float:
+        return sum(v.test.points for v in self.verdicts if v.passed and v.test.question == question)
+
+
+def _verdict(test: RefTest, result: dict, trusted_text: bool) -> Verdict:
+    """Compare what a submission returned for ``test`` with the instructor's expectation."""
+    verdict = Verdict(test)
+    if "value" in result:
+        try:
+            actual = decode(result["value"])
+        except (ValueError, TypeError, OverflowError):
+            verdict.message = "the result could not be read"
+            return verdict
+        difference = compare(actual, test.expected, test.atol, test.rtol, show=not test.hidden)
+        verdict.passed, verdict.message = not difference, difference
+    elif result.get("stub") is True:
+        verdict.not_started, verdict.message = True, "not attempted: the code still raises NotImplementedError"
+    elif isinstance(result.get("raised"), str):
+        verdict.message = f"your code raised {result['raised'][:60]}"
+    elif isinstance(result.get("unsupported"), str) and trusted_text:
+        verdict.message = result["unsupported"][:300]
+    else:
+        verdict.message = "the result could not be read"
+    return verdict
+
+
+def grade_submission(submission: Submission, reference: Reference, limits: sandbox.Limits) -> Graded:
+    """Run one submission in its sandbox and decide every test of the reference here."""
+    graded = Graded(submission.student, [Verdict(t) for t in reference.tests])
+    run = sandbox.run([{"cells": submission.cells}, *reference.submission_jobs], limits,
+                      sandbox=reference.sandboxed)
+    graded.seconds = run.seconds
+    by_name = {(t.question, t.name): v for t, v in zip(reference.tests, graded.verdicts)}
+    seen, errors, running = set(), {}, "the start"
+    for sent, entry in run.entries:
+        error = entry.get("cell_error")
+        if sent == 1 and isinstance(error, dict) and error.get("cell") in range(1, len(submission.cells) + 1):
+            errors.setdefault(error["cell"], str(error.get("error"))[:300])  # read before any test was sent
+        if isinstance(entry.get("running"), str) and _RUNNING.match(entry["running"]):
+            running = entry["running"]
+        test, result = entry.get("test"), entry.get("result")
+        if sent < 2 or not (isinstance(test, dict) and isinstance(result, dict)):
+            continue  # a result "reported" before any test was sent is forged
+        key = (str(test.get("question")), str(test.get("name")))
+        if key in by_name and key not in seen:  # one verdict per test the grader asked for; the rest is ignored
+            seen.add(key)
+            by_name[key] = _verdict(by_name[key].test, result, trusted_text=sent - 1 <= reference.visible_jobs)
+    graded.verdicts = list(by_name.values())
+    graded.cell_errors = [f"code cell {cell}: {text}" for cell, text in sorted(errors.items())]
+    if run.problem:
+        known = running if running.startswith("code cell") or running[5:] in {t.name for t in reference.tests} \
+            else "the start"
+        graded.problem = f"{run.problem} while running {known}"
+    graded.flags = library_uses(submission.cells, reference.template, reference.library)
+    return graded
+
+
+def _message(graded: Graded, question: str) -> str:
+    mine = [v for v in graded.verdicts if v.test.question == question]
+    parts = [graded.problem] if graded.problem else []
+    parts += [f"flagged: uses {', '.join(graded.flags[question])} (the library's own implementation of this task)"] \
+        if question in graded.flags else []
+    if all(v.not_started for v in mine):
         return " | ".join(parts + ["not attempted: the code still raises NotImplementedError"])
-    for o in failed:
-        hidden = " (hidden test)" if o.get("hidden") else ""
-        parts.append(f"{o['name']}{hidden}: {o['message'].splitlines()[0] if o['message'] else 'failed'}")
-    return " | ".join(parts) or "no test of this question ran"
+    failed = [v for v in mine if not v.passed]
+    if not failed:
+        return " | ".join(parts + [f"all {len(mine)} tests passed"])
+    return " | ".join(parts + [f"{v.test.name}{' (hidden test)' if v.test.hidden else ''}: {v.message}"
+                               for v in failed])
 
 
-def _feedback(student: str, reference: Reference, result: Result) -> str:
-    earned = sum(result.earned(q) for q in reference.questions)
-    lines = [f"Feedback for {student} on {reference.source.stem}",
-             f"Total: {earned:g} / {sum(reference.questions.values()):g} points", ""]
-    if result.problem:
-        lines += [f"Problem: {result.problem}", ""]
+def _feedback(graded: Graded, reference: Reference) -> str:
+    total = sum(graded.earned(q) for q in reference.questions)
+    lines = [f"Feedback for {graded.student} on {reference.source.stem}",
+             f"Total: {total:g} / {sum(reference.questions.values()):g} points", ""]
+    if not reference.sandboxed:
+        lines += ["Note: graded WITHOUT the sandbox (--no-sandbox).", ""]
+    if graded.problem:
+        lines += [f"Problem: {graded.problem}", ""]
     for question, max_points in reference.questions.items():
-        lines.append(f"{question}: {result.earned(question):g} / {max_points:g}")
-        for o in (o for o in result.outcomes if o["question"] == question):
-            hidden = " (hidden test)" if o.get("hidden") else ""
-            lines.append(f"  {'passed' if o['passed'] else 'FAILED'}  {o['name']}{hidden}")
-            if not o["passed"]:
-                lines += [f"      {line}" for line in o["message"].splitlines()]
-                lines += [f"      hint: {o['hint']}"] if o["hint"] else []
-    if result.cell_errors:
-        lines += ["", "Cells of your notebook that raised an error:"]
-        lines += [f"  code cell {e['cell']}: {e['error']}" for e in result.cell_errors]
+        lines.append(f"{question}: {graded.earned(question):g} / {max_points:g}")
+        if question in graded.flags:
+            lines.append(f"  flagged: your code uses {', '.join(graded.flags[question])}, the library's own "
+                         "implementation of this task; your instructor decides whether it counts")
+        for v in (v for v in graded.verdicts if v.test.question == question):
+            hidden = " (hidden test)" if v.test.hidden else ""
+            lines.append(f"  {'passed' if v.passed else 'FAILED'}  {v.test.name}{hidden}")
+            if not v.passed:
+                lines.append(f"      {v.message}")
+                lines += [f"      hint: {v.test.hint}"] if v.test.hint else []
+    if graded.cell_errors:
+        lines += ["", "Cells of your notebook that raised an error:"] + [f"  {e}" for e in graded.cell_errors]
     return "\n".join(lines) + "\n"
 
 
-def grade_folder(source: Path, submissions: Path, results: Path, timeout: float = 60.0, jobs: int = 1,
-                 reference: Reference | None = None) -> list[dict]:
-    """Grade every ``*.ipynb`` in ``submissions``; write ``grades.csv`` and ``feedback/<student>.txt``.
+def csv_safe(text: str) -> str:
+    """A CSV cell that no spreadsheet runs as a formula: text starting with = + - @ or a control character
+    gets a leading apostrophe."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r", "\n") else text
 
-    ``jobs`` submissions run at a time. Returns the CSV rows. ``reference`` skips re-verifying the source
-    when the caller has just done it.
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _feedback_names(students: list[str]) -> dict[str, str]:
+    """student -> a plain file name for their feedback (letters, digits, . _ -), distinct for distinct students."""
+    names, used = {}, set()
+    for student in students:
+        base = re.sub(r"[^\w.-]", "_", student).lstrip(".") or "_"
+        name, n = base, 1
+        while name.lower() in used:
+            n += 1
+            name = f"{base}-{n}"
+        used.add(name.lower())
+        names[student] = name
+    return names
+
+
+def _prepare_results(results: Path, submissions: Path) -> None:
+    """Make sure the results folder can be written, before anyone is graded."""
+    if results.resolve() == submissions.resolve():
+        raise ValueError("results must be a different folder from the submissions")
+    if results.exists() and not results.is_dir():
+        raise ValueError(f"results: {results} exists and is not a folder")
+    try:
+        (results / "feedback").mkdir(parents=True, exist_ok=True)
+        _write_atomically(results / "feedback" / ".write-test", "")
+        os.unlink(results / "feedback" / ".write-test")
+    except OSError as exc:
+        raise ValueError(f"results: cannot write to {results} ({exc.strerror})") from None
+
+
+def grade_folder(source: Path, submissions: Path, results: Path, timeout: float = 60.0, jobs: int = 1,
+                 reference: Reference | None = None, use_sandbox: bool = True,
+                 memory_mb: int = 4096) -> list[dict]:
+    """Grade every ``*.ipynb`` entry of ``submissions``; write ``grades.csv`` and ``feedback/<student>.txt``.
+
+    Every option and the results folder are checked before anyone is graded; the results are written at the
+    end, each file atomically. ``jobs`` submissions run at a time. Returns the CSV rows.
     """
     source, submissions, results = Path(source), Path(submissions), Path(results)
+    limits = sandbox.Limits(timeout=timeout, memory_mb=memory_mb)  # ValueError for a bad timeout or memory
+    if not (isinstance(jobs, int) and not isinstance(jobs, bool) and jobs >= 1):
+        raise ValueError(f"jobs must be a whole number >= 1, got {jobs!r}")
     if not submissions.is_dir():
-        raise ValueError(f"{submissions} is not a folder of submitted notebooks")
-    if timeout <= 0 or jobs < 1:
-        raise ValueError(f"timeout must be positive and jobs at least 1, got timeout={timeout}, jobs={jobs}")
-    reference = reference or verify(source, timeout=max(timeout, 120.0))
-    files = sorted(submissions.glob("*.ipynb"))
-    # Read everything first: a submission that misbehaves cannot change what the others are graded on.
-    snapshot = {path: path.read_bytes() for path in files}
+        raise ValueError(f"submissions: {submissions} is not a folder of submitted notebooks")
+    _prepare_results(results, submissions)
+    if use_sandbox and (problem := sandbox.bwrap_problem()):
+        raise ValueError(f"cannot grade safely: {problem}. Only for submissions you trust: --no-sandbox")
+    reference = reference or verify(source, sandbox.Limits(timeout=max(timeout, 120.0), memory_mb=memory_mb),
+                                    use_sandbox)
+    entries = read_folder(submissions)  # everything read before the first submission runs
+    gradable = [s for s in entries if s.cells is not None]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait; the work is in the sandboxes
+        graded = dict(zip((s.student for s in gradable),
+                          pool.map(lambda s: grade_submission(s, reference, limits), gradable)))
     rows, feedback = [], {}
-    with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait; the work is in the subprocesses
-        graded = list(pool.map(lambda path: run_notebook(snapshot[path], source, timeout), files))
-    for path, result in zip(files, graded):
-        print(f"{path.stem}: {sum(result.earned(q) for q in reference.questions):g} / "
-              f"{sum(reference.questions.values()):g} points in {result.seconds:.1f} s"
-              f"{' (' + result.problem.split(';')[0] + ')' if result.problem else ''}", flush=True)
-        feedback[path.stem] = _feedback(path.stem, reference, result)
+    warning = "" if use_sandbox else "graded without the sandbox | "
+    for entry in entries:
+        result = graded.get(entry.student) if entry.cells is not None else None
+        if result is None:
+            print(f"{entry.student}: not graded: {entry.skipped}", flush=True)
+        else:
+            total = sum(result.earned(q) for q in reference.questions)
+            print(f"{entry.student}: {total:g} / {sum(reference.questions.values()):g} points in "
+                  f"{result.seconds:.1f} s{' (' + result.problem + ')' if result.problem else ''}", flush=True)
+            feedback[entry.student] = _feedback(result, reference)
         for question, max_points in reference.questions.items():
-            rows.append({"student": path.stem, "question": question, "points": f"{result.earned(question):g}",
-                         "max_points": f"{max_points:g}", "message": _message(result, question)})
-    for path in files:  # the guard should make this impossible; if it ever happens, undo it and say so
-        if not path.exists() or _sha256(path.read_bytes()) != _sha256(snapshot[path]):
-            path.write_bytes(snapshot[path])
-            print(f"WARNING: {path} was changed during grading; restored the submitted version", file=sys.stderr)
-    (results / "feedback").mkdir(parents=True, exist_ok=True)
-    for student, text in feedback.items():
-        (results / "feedback" / f"{student}.txt").write_text(text, encoding="utf-8")
-    with open(results / "grades.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["student", "question", "points", "max_points", "message"])
-        writer.writeheader()
-        writer.writerows(rows)
+            message = _message(result, question) if result else f"not graded: {entry.skipped}"
+            rows.append({"student": entry.student, "question": question,
+                         "points": f"{result.earned(question):g}" if result else "0",
+                         "max_points": f"{max_points:g}", "message": warning + message})
+    for student, name in _feedback_names(list(feedback)).items():
+        _write_atomically(results / "feedback" / f"{name}.txt", feedback[student])
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["student", "question", "points", "max_points", "message"])
+    writer.writeheader()
+    writer.writerows({k: csv_safe(v) for k, v in row.items()} for row in rows)
+    _write_atomically(results / "grades.csv", out.getvalue())
     return rows

@@ -14,6 +14,7 @@ version and only run when grading. A check cell is a cell of ``check("q1")`` lin
 
 from __future__ import annotations
 
+import copy
 import re
 
 STUB_MESSAGE = "your code here: replace this line with your solution"
@@ -23,7 +24,6 @@ _BEGIN_SOLUTION, _END_SOLUTION = "# BEGIN SOLUTION", "# END SOLUTION"
 _BEGIN_HIDDEN, _END_HIDDEN = "# BEGIN HIDDEN", "# END HIDDEN"
 _BEGIN_TESTS, _END_TESTS = "# BEGIN TESTS", "# END TESTS"
 _CHECK_LINE = re.compile(r"""^check\(\s*(['"])\w+\1\s*\)\s*(#.*)?$""")
-_DEF_LINE = re.compile(r"^\s*def\s+(\w+)\s*\(")
 
 
 class MarkerError(ValueError):
@@ -77,11 +77,10 @@ def strip_hidden(source: str, where: str = "cell") -> str:
     return "\n".join(lines)
 
 
-def hidden_test_names(source: str, where: str = "cell") -> set[str]:
-    """Names of the test functions defined inside hidden blocks."""
+def hidden_blocks(source: str, where: str = "cell") -> list[str]:
+    """The code inside each hidden-test block (markers excluded)."""
     lines = source.splitlines()
-    blocks = _blocks(source, _BEGIN_HIDDEN, _END_HIDDEN, where)
-    return {m.group(1) for first, last in blocks for line in lines[first:last] if (m := _DEF_LINE.match(line))}
+    return ["\n".join(lines[first + 1:last]) for first, last in _blocks(source, _BEGIN_HIDDEN, _END_HIDDEN, where)]
 
 
 def is_tests_cell(source: str) -> bool:
@@ -102,3 +101,25 @@ def is_check_cell(source: str) -> bool:
     lines = [line.strip() for line in source.splitlines()]
     code = [line for line in lines if line and not line.startswith("#")]
     return bool(code) and all(_CHECK_LINE.match(line) for line in code)
+
+
+def student_notebook(notebook: dict, name: str) -> dict:
+    """The student version of a source notebook (a pure function of it, so builds are reproducible).
+
+    ``name`` only labels marker errors.
+    """
+    student = copy.deepcopy(notebook)
+    for number, cell in enumerate(student["cells"], start=1):
+        if cell.get("cell_type") != "code":
+            continue
+        where = f"{name}, cell {number}"
+        source = cell_source(cell)
+        if is_tests_cell(source):
+            check_tests_cell(source, where)
+            source = strip_hidden(source, where)
+        elif "# BEGIN HIDDEN" in source:
+            raise MarkerError(f"{where}: hidden tests belong inside a '# BEGIN TESTS' cell")
+        source = strip_solutions(source, where)
+        cell["source"] = source.splitlines(keepends=True)
+        cell["outputs"], cell["execution_count"] = [], None
+    return student

@@ -1,30 +1,45 @@
-"""Runs ONE submission inside the grading subprocess; never imported by the grader's own process.
+"""Runs ONE notebook inside the grading sandbox; never imported by the grader's own process.
 
-    python -m course_lib.grading.runner SUBMISSION.ipynb SOURCE.ipynb RESULTS.jsonl
+    python -m course_lib.grading.runner MEMORY_BYTES CPU_SECONDS FILE_BYTES
 
-Runs the learner's code cells (their tests and check cells skipped) in an IPython shell, then the source
-notebook's tests cells (hidden tests included), then every test. It reports one JSON line at a time, so a
-grader that has to kill this process on a time limit still knows how far it got.
+The grader sends jobs, one JSON line each, on stdin; the runner answers with JSON lines on stdout (the only
+channel out of the sandbox, read by the grader with a size cap) and a ``{"done": N}`` line after job N:
+
+- ``{"cells": [source, ...]}``: run the notebook's code cells in an IPython shell; report each cell's error.
+- ``{"tests": source}``: run a tests cell, then each test it registered: report the data the test returned
+  (``values.encode``), or the type of what it raised, and the test's ``expect=`` value when the source has
+  one (only the instructor's run does: the grader removes ``expect=`` from what a submission receives).
+
+Nothing here decides a grade: a submission controls this whole process, so everything it reports is just data
+that the grader compares with the instructor's run outside the sandbox.
 """
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
+import resource
 import sys
-from dataclasses import asdict
 
 from course_lib.grading import checks
-from course_lib.grading.guard import confine
-from course_lib.grading.markers import cell_source, hidden_test_names, is_check_cell, is_tests_cell
+from course_lib.grading.values import ValueTypeError, encode
 
 
-def code_cells(notebook: dict) -> list[str]:
-    """The sources of a notebook's code cells; ValueError when the JSON is not shaped like a notebook."""
-    cells = notebook.get("cells") if isinstance(notebook, dict) else None
-    if not isinstance(cells, list) or not all(isinstance(c, dict) for c in cells):
-        raise ValueError("this JSON file is not a Jupyter notebook (it has no list of cells)")
-    return [cell_source(c) for c in cells if c.get("cell_type") == "code"]
+def limit_resources(memory: int, cpu_seconds: int, file_bytes: int) -> None:
+    """Hard limits for this process and all it starts: address space, CPU time, file size; no core dumps."""
+    for limit, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu_seconds),
+                         (resource.RLIMIT_FSIZE, file_bytes), (resource.RLIMIT_CORE, 0),
+                         (resource.RLIMIT_NPROC, 64), (resource.RLIMIT_NOFILE, 256)):
+        soft, hard = resource.getrlimit(limit)
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(limit, (value, value))
+
+
+def _error_type(exc: BaseException) -> str:
+    """The exception's class name when it is a built-in one; the learner's own classes could carry any text."""
+    name = type(exc).__name__
+    return name if getattr(builtins, name, None) is type(exc) else "an exception of its own class"
 
 
 def _error_text(result) -> str | None:
@@ -32,57 +47,63 @@ def _error_text(result) -> str | None:
     return None if error is None else f"{type(error).__name__}: {error}"[:300]
 
 
-def main(submission: str, source: str, results: str) -> None:
-    # Opened before confine(): the learner's code cannot open this file, which lies outside its folder.
-    out = open(results, "a", encoding="utf-8")
+def _value(compute) -> dict:
+    """{"value": data} for what ``compute()`` returned, or {"raised": type, "stub": bool} for what it raised."""
+    try:
+        with checks.seeded():
+            return {"value": encode(compute())}
+    except ValueTypeError as exc:
+        return {"unsupported": str(exc)[:300]}
+    except BaseException as exc:  # noqa: BLE001 -- SystemExit, KeyboardInterrupt: one test fails, the run goes on
+        return {"raised": _error_type(exc), "stub": str(exc) == checks.STUB_MESSAGE}
+
+
+def main() -> None:
+    limit_resources(*(int(arg) for arg in sys.argv[1:4]))
+    channel = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    # What the notebook prints goes nowhere: only the report lines below leave the sandbox.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
 
     def report(**entry) -> None:
-        out.write(json.dumps(entry) + "\n")
-        out.flush()
-
-    try:
-        with open(submission, encoding="utf-8") as f:
-            learner_cells = code_cells(json.load(f))
-    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
-        report(fatal=f"the submission could not be read as a notebook: {exc}"[:300])
-        return
-    with open(source, encoding="utf-8") as f:
-        test_cells = [c for c in code_cells(json.load(f)) if is_tests_cell(c)]
-    hidden = set().union(*(hidden_test_names(c) for c in test_cells))
+        channel.write(json.dumps(entry) + "\n")
+        channel.flush()
 
     from IPython.core.interactiveshell import InteractiveShell
     from traitlets.config import Config
 
     config = Config()
-    config.HistoryManager.enabled = False  # no history database: nothing written but the learner's own files
+    config.HistoryManager.enabled = False
     shell = InteractiveShell.instance(config=config)
-    confine(os.getcwd())
-    for number, cell in enumerate(learner_cells, start=1):
-        if is_tests_cell(cell) or is_check_cell(cell):
-            continue  # the learner's copy of the tests may be edited; the source's tests run below
-        report(running=f"code cell {number}")
-        error = _error_text(shell.run_cell(cell, store_history=False))
-        if error:
-            report(cell_error={"cell": number, "error": error})
-
-    # The learner's definitions stay; the tests are the instructor's, registered afresh.
-    checks.REGISTRY.clear()
-    shell.user_ns.update(test=checks.test, check=checks.check)
-    for cell in test_cells:
-        error = _error_text(shell.run_cell(cell, store_history=False))
-        if error:
-            report(cell_error={"cell": "tests", "error": error})
-    for question, tests in list(checks.REGISTRY.items()):
-        for t in list(tests.values()):
-            report(running=f"test {t.name} of {question}")
-            outcome = asdict(checks.run_test(t))
-            report(outcome={**outcome, "hidden": t.name in hidden})
-    report(done=True)
-    out.close()
-    os._exit(0)  # results are in; skip the interpreter's teardown (seconds with torch loaded)
+    # Nobody sees tracebacks here (the errors are reported as one line), and formatting the traceback of a
+    # recursion a million frames deep would take minutes.
+    shell.showtraceback = shell.showsyntaxerror = lambda *args, **kwargs: None
+    report(ready=True)
+    for number, line in enumerate(sys.stdin, start=1):
+        job = json.loads(line)
+        if "cells" in job:
+            for cell_number, cell in enumerate(job["cells"], start=1):
+                report(running=f"code cell {cell_number}")
+                if error := _error_text(shell.run_cell(cell, store_history=False)):
+                    report(cell_error={"cell": cell_number, "error": error})
+        else:
+            checks.REGISTRY.clear()
+            shell.user_ns.update(test=checks.test)
+            if error := _error_text(shell.run_cell(job["tests"], store_history=False)):
+                report(tests_error=error)
+            for tests in list(checks.REGISTRY.values()):
+                for t in list(tests.values()):
+                    report(running=f"test {t.name}")
+                    entry = {"test": {"question": t.question, "name": t.name, "hint": t.hint, "points": t.points,
+                                      "atol": t.atol, "rtol": t.rtol}}
+                    if t.has_expect:  # first, so that a result that changes its inputs cannot change it
+                        entry["expected"] = _value(t.expected)
+                    entry["result"] = _value(t.run)
+                    report(**entry)
+        report(done=number)
+    os._exit(0)  # skip the interpreter's teardown (seconds with torch loaded)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
-        sys.exit("usage: python -m course_lib.grading.runner SUBMISSION.ipynb SOURCE.ipynb RESULTS.jsonl")
-    main(*sys.argv[1:])
+    main()
