@@ -50,6 +50,11 @@ def doctor(args: argparse.Namespace) -> int:
     from course_lib.models import _hub_reachable
 
     print(f"hub           {'reachable' if _hub_reachable() else 'NOT reachable (offline): bundled models only'}")
+    if sys.platform == "linux":  # instructors only: learners never need the grading sandbox
+        from course_lib.grading.sandbox import bwrap_problem
+
+        sandbox_problem = bwrap_problem()
+        print(f"grading       {'sandbox OK (bubblewrap)' if not sandbox_problem else 'NO SANDBOX: ' + sandbox_problem}")
     if problems:
         print("\nProblems:")
         for p in problems:

@@ -14,6 +14,15 @@ def test_doctor_passes_with_bundled_models(capsys):
     for name in models.BUNDLED_MODELS:
         assert f"model         {name}:" in out
     assert "hub" in out and "All good" in out
+    if sys.platform == "linux":
+        assert "grading       sandbox OK (bubblewrap)" in out, "CI installs bubblewrap; graders need it"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the grading sandbox is Linux only")
+def test_doctor_says_when_the_grading_sandbox_is_missing(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap here
+    cli.main(["doctor"])
+    assert "grading       NO SANDBOX: bubblewrap (bwrap) is not installed: install bubblewrap" in capsys.readouterr().out
 
 
 def test_doctor_fails_with_advice_when_a_model_is_missing(monkeypatch, capsys):

@@ -23,23 +23,11 @@ from course_lib.grading.cli import main
 from course_lib.grading.grade import csv_safe, grade_folder
 from course_lib.grading.markers import student_notebook
 from course_lib.grading.sandbox import bwrap_problem, no_fork_filter
+from test_grading import SOLUTION, TESTS  # the "add" exercise: one visible test (1 point), one hidden (2 points)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the grading sandbox is bubblewrap, Linux only")
 
 MARK = f"course-attack-{os.getpid()}"  # every file an attack tries to leave on the host carries this name
-SOLUTION = "def add(a, b):\n    # BEGIN SOLUTION\n    return a + b\n    # END SOLUTION"
-TESTS = """# BEGIN TESTS
-import operator
-
-@test("q1", hint="use +", expect=lambda: operator.add(1, 2))
-def adds_small_numbers():
-    return add(1, 2)
-# BEGIN HIDDEN
-@test("q1", points=2, expect=-3)
-def adds_negative_numbers():
-    return add(-1, -2)
-# END HIDDEN
-# END TESTS"""
 WRONG = "def add(a, b):\n    return 0"
 
 

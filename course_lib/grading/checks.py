@@ -83,7 +83,9 @@ def test(question: str, hint: str = "", points: float = 1.0, *, expect: Any = _N
     that computes it. Floats are compared within ``atol``/``rtol`` (see ``values.compare``).
 
     When grading, the function runs in the submission's sandbox and ``expect`` only in the instructor's run:
-    keep reference implementations inside ``expect``, never in the rest of a tests cell.
+    keep reference implementations inside ``expect``, never in the rest of a tests cell. Give the learner's
+    code copies (``.clone()``) of inputs that ``expect`` also uses, and catch only the exception a test is
+    about (catching everything would also catch the stub's NotImplementedError).
     """
     if not isinstance(question, str) or not question:
         raise ValueError(f"question must be a non-empty string like 'q1', got {question!r}")
