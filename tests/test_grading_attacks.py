@@ -236,7 +236,7 @@ def test_student_exceptions_cost_only_their_test(graded):
     rows = graded["rows"]
     assert "raised KeyboardInterrupt" in rows["a_keyboard_interrupt"]["message"]
     assert "raised RecursionError" in rows["a_recursion"]["message"]
-    assert "code cell 2: SystemExit: 3" in _feedback(graded, "b_system_exit")
+    assert "code cell 2 (`raise SystemExit(3)`): SystemExit: 3" in _feedback(graded, "b_system_exit")
     assert rows["b_system_exit"]["points"] == "3", "a cell that calls exit() costs that cell only"
 
 
@@ -326,3 +326,15 @@ def test_a_correct_solution_in_a_thirty_student_class_is_graded_in_under_two_min
     print(f"30 submissions graded in {seconds:.1f} s ({seconds / 30:.2f} s each, 2 at a time)")
     assert [row["points"] for row in rows] == ["3" if n % 3 else "0" for n in range(30)]
     assert seconds < 120
+
+
+def test_read_only_binds_come_after_the_tmpfs_they_may_lie_in(monkeypatch):
+    """A Python installed under /tmp (CI's fresh venv) must stay visible: binds after the /tmp tmpfs."""
+    from course_lib.grading import sandbox
+
+    monkeypatch.setattr(sandbox, "_read_only_paths", lambda: [Path("/tmp/tmp.x/venv"), Path("/opt/py")])
+    command = sandbox.bwrap_command(sandbox.Limits(), None)
+    tmpfs = command.index("/tmp", command.index("--tmpfs"))
+    binds = [i for i, arg in enumerate(command) if arg == "--ro-bind" and command[i + 1].startswith(("/tmp/", "/opt"))]
+    assert len(binds) == 2 and all(i > tmpfs for i in binds)
+    assert command.index("--remount-ro") > max(binds)

@@ -70,6 +70,13 @@ def test_runs_the_readme_command_after_the_cpu_torch(steps):
     assert test["shell"] == "bash", "bash -o pipefail: the tee into the log must not hide pytest's exit status"
 
 
+def test_installs_bubblewrap_before_the_tests(steps):
+    """The grading tests run submissions in bubblewrap; ubuntu-latest does not ship it."""
+    sandbox_at, _ = _step(steps, lambda s: "apt-get install" in s.get("run", "") and "bubblewrap" in s["run"])
+    test_at, _ = _step(steps, lambda s: README_TEST_COMMAND in s.get("run", ""))
+    assert sandbox_at < test_at
+
+
 def test_caches_pip_and_uploads_the_logs_on_failure(steps):
     _, setup_python = _step(steps, lambda s: s.get("uses", "").startswith("actions/setup-python@"))
     assert setup_python["with"]["cache"] == "pip"

@@ -187,6 +187,14 @@ def _verdict(test: RefTest, result: dict, trusted_text: bool) -> Verdict:
     return verdict
 
 
+def _first_line(cell: str) -> str:
+    """A code cell's first line of code, to tell the learner which cell (the grader numbers code cells without
+    the tests and check cells)."""
+    line = next((line.strip() for line in cell.splitlines() if line.strip() and not line.strip().startswith("#")),
+                "")
+    return f"`{line[:60]}`" if len(line) <= 60 else f"`{line[:57]}...`"
+
+
 def grade_submission(submission: Submission, reference: Reference, limits: sandbox.Limits) -> Graded:
     """Run one submission in its sandbox and decide every test of the reference here."""
     graded = Graded(submission.student, [Verdict(t) for t in reference.tests])
@@ -209,7 +217,8 @@ def grade_submission(submission: Submission, reference: Reference, limits: sandb
             seen.add(key)
             by_name[key] = _verdict(by_name[key].test, result, trusted_text=sent - 1 <= reference.visible_jobs)
     graded.verdicts = list(by_name.values())
-    graded.cell_errors = [f"code cell {cell}: {text}" for cell, text in sorted(errors.items())]
+    graded.cell_errors = [f"code cell {cell} ({_first_line(submission.cells[int(cell) - 1])}): {text}"
+                          for cell, text in sorted(errors.items())]
     if run.problem:
         known = running if running.startswith("code cell") or running[5:] in {t.name for t in reference.tests} \
             else "the start"

@@ -143,13 +143,14 @@ def bwrap_command(limits: Limits, seccomp_fd: int | None) -> list[str]:
             command += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             command += ["--ro-bind", top, top]
+    size = str(limits.tmp_mb * 2**20)
+    command += ["--proc", "/proc", "--dev", "/dev", "--size", size, "--tmpfs", "/tmp", "--size", size,
+                "--tmpfs", "/dev/shm"]
     for etc in ("/etc/ld.so.cache", "/etc/fonts", "/etc/localtime"):
         command += ["--ro-bind-try", etc, etc]
-    for path in _read_only_paths():
+    for path in _read_only_paths():  # after the /tmp tmpfs, which would hide a Python installed under /tmp
         command += ["--ro-bind", str(path), str(path)]
-    size = str(limits.tmp_mb * 2**20)
-    command += ["--proc", "/proc", "--dev", "/dev", "--size", size, "--tmpfs", "/tmp",
-                "--size", size, "--tmpfs", "/dev/shm", "--remount-ro", "/", "--chdir", "/tmp", "--clearenv"]
+    command += ["--remount-ro", "/", "--chdir", "/tmp", "--clearenv"]
     for name, value in _environment().items():
         command += ["--setenv", name, value]
     if seccomp_fd is not None:
