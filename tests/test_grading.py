@@ -12,7 +12,7 @@ from course_lib.grading.cli import main
 from course_lib.grading.grade import grade_folder, without_expect
 from course_lib.grading.submissions import library_uses
 
-EXERCISES = Path(__file__).resolve().parent.parent / "exercises"
+EXERCISES = Path(__file__).resolve().parent.parent / "exercises" / "instructor"
 
 
 def notebook(*cells: tuple[str, str]) -> dict:
@@ -41,6 +41,7 @@ def adds_negative_numbers():
 def add_exercise(solution: str = SOLUTION) -> dict:
     """A pure-Python exercise (fast to run): one question, one visible and one hidden test."""
     return notebook(("markdown", "# Add"), ("code", "from course_lib.grading import check, test"),
+                    ("markdown", "## q1: add two numbers (3 points, about 2 minutes)"),
                     ("code", solution), ("code", TESTS), ("code", 'check("q1")'))
 
 
@@ -102,12 +103,12 @@ def test_tests_and_check_cells_are_recognised():
 
 def test_student_version_hides_solutions_hidden_tests_and_outputs():
     source = add_exercise()
-    source["cells"][2]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "secret"}]
+    source["cells"][3]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "secret"}]
     student = student_notebook(source, "add")
     text = json.dumps(student)
     assert "return a + b" not in text and "adds_negative_numbers" not in text and "secret" not in text
     assert "NotImplementedError" in text and "adds_small_numbers" in text
-    assert source["cells"][2]["outputs"], "the source notebook itself must not change"
+    assert source["cells"][3]["outputs"], "the source notebook itself must not change"
 
 
 # --- the learner's check() -----------------------------------------------------------------------------------
@@ -271,6 +272,16 @@ def test_build_refuses_when_a_solution_fails_its_tests(tmp_path, capsys):
     assert not (tmp_path / "student").exists()
 
 
+def test_build_refuses_when_a_task_header_states_other_points(tmp_path, capsys):
+    nb = add_exercise()
+    nb["cells"][2]["source"] = "## q1: add two numbers (5 points, about 2 minutes)"
+    write(tmp_path / "src" / "add.ipynb", nb)
+    assert main(["exercises", "build", str(tmp_path / "src"), str(tmp_path / "student")]) == 1
+    assert "the task headers ('## qN: title (P points, about M minutes)') state {'q1': 5.0}, the tests give " \
+           "{'q1': 3.0}" in capsys.readouterr().err
+    assert not (tmp_path / "student").exists()
+
+
 def test_exercises_solutions_score_full_marks_and_student_versions_zero(tmp_path):
     """Every exercise in exercises/: the build verifies its solutions; graded in the sandbox, the source notebook
     itself scores full marks and its built student version scores 0, with no cell raising an error."""
@@ -311,3 +322,29 @@ def test_library_use_is_found_in_the_lines_a_learner_wrote():
                         template, names)
     assert uses == {"q1": ["course_lib.decoding.Temperature"], "q2": ["transformers.TopPLogitsWarper"]}
     assert library_uses(["x = decoding.Temperature(0.5)"], template, names) == {"q1": ["course_lib.decoding.Temperature"]}
+
+
+def test_check_without_a_question_sums_up_every_task(registry, capsys):
+    checks.test("q1", points=2, expect=1)(lambda: 1)
+    wrong = lambda: 2  # noqa: E731
+    wrong.__name__ = "wrong"
+    checks.test("q2", expect=1)(wrong)
+    right = lambda: 1  # noqa: E731
+    right.__name__ = "right"
+    checks.test("q2", expect=1)(right)
+
+    def stub():
+        raise NotImplementedError(markers.STUB_MESSAGE)
+
+    checks.test("q3", points=3, expect=1)(stub)
+    checks.check()
+    assert capsys.readouterr().out.splitlines() == [
+        "q1: done, all 1 tests pass",
+        "q2: 1 of 2 tests failing: run check('q2') for details",
+        "q3: not attempted",
+        "Total: 3 / 7 points from the tests in this notebook (your instructor's grading may add hidden tests)"]
+
+
+def test_check_without_tests_says_to_run_the_notebook(registry, capsys):
+    checks.check()
+    assert "No tests yet: run the notebook's cells from the top" in capsys.readouterr().out

@@ -1,8 +1,11 @@
-"""Building the student versions of the exercise notebooks from their sources.
+"""Building the learner notebooks of the exercises from their instructor sources.
 
-Every ``*.ipynb`` directly in the source folder is an exercise; adding a topic's exercise is adding one file.
-The build first runs each source notebook's solutions against all of its tests and refuses to write anything
-when one fails; then it writes copies with the solutions stubbed out, the hidden tests and the outputs removed.
+Every ``*.ipynb`` directly in the sources folder (``exercises/instructor``) is an exercise; adding a topic's
+exercise is adding one file. The build checks each source's markers and task headers, runs its solutions
+against all of its tests and refuses to write anything when one fails; then it writes the learner notebook
+(``exercises/NN_topic_exercises.ipynb``): solutions stubbed out, hidden tests and outputs removed, an "Open in
+Colab" badge and a setup cell on top. The learner notebook is a pure function of its source, so
+``build --check`` can tell, without running anything, whether a committed learner notebook is out of date.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from course_lib.colab import SETUP_TAG, badge_source, find_project, notebook_json, setup_source, with_setup_cells
 from course_lib.grading.grade import ExerciseError, Reference, verify
+from course_lib.grading.markers import student_notebook, task_headers
 from course_lib.grading.sandbox import Limits
-from course_lib.grading.markers import student_notebook
 
 
 def source_notebooks(source_dir: Path) -> list[Path]:
@@ -24,23 +28,59 @@ def source_notebooks(source_dir: Path) -> list[Path]:
     return found
 
 
-def build(source_dir: Path, student_dir: Path, timeout: float = 120.0, jobs: int = 1) -> dict[str, Reference]:
-    """Verify every exercise in ``source_dir`` and write its student version to ``student_dir``.
+def learner_notebook(source: dict, name: str, path_in_repo: str) -> str:
+    """The text of the learner notebook cut from ``source``: the student version with the Colab badge (for the
+    learner notebook at ``path_in_repo``) and setup cell first, without execution timestamps."""
+    notebook = student_notebook(source, name)
+    for cell in notebook["cells"]:
+        cell.get("metadata", {}).pop("execution", None)
+    placeholders = [{"cell_type": kind, "id": f"course-setup-{kind}", "metadata": {"tags": [SETUP_TAG]}, "source": []}
+                    for kind in ("markdown", "code")]
+    placeholders[1].update(execution_count=None, outputs=[])
+    notebook["cells"] = placeholders + notebook["cells"]  # fixed ids: the same source always builds the same file
+    project = find_project(Path(__file__).parent)
+    return notebook_json(with_setup_cells(notebook, badge_source(project, path_in_repo), setup_source(project)))
 
-    Raises ExerciseError (writing nothing) when a solution fails its tests. Returns the verified references
-    by notebook name, which ``grade_folder`` accepts to skip verifying again.
+
+def _learner_texts(sources: list[Path], student_dir: Path) -> dict[Path, str]:
+    return {student_dir / p.name: learner_notebook(json.loads(p.read_text(encoding="utf-8")), p.stem,
+                                                   f"{student_dir.name}/{p.name}") for p in sources}
+
+
+def _check_headers(reference: Reference) -> str:
+    """"" when the task headers state each question's points, else what disagrees."""
+    headers = task_headers(json.loads(reference.source.read_text(encoding="utf-8")))
+    stated = {q: points for q, (points, _minutes) in headers.items()}
+    if stated != reference.questions:
+        return (f"{reference.source.name}: the task headers ('## qN: title (P points, about M minutes)') state "
+                f"{stated}, the tests give {reference.questions}")
+    return ""
+
+
+def out_of_date(source_dir: Path, student_dir: Path) -> list[Path]:
+    """The learner notebooks in ``student_dir`` that differ from what ``build`` would write (nothing runs)."""
+    texts = _learner_texts(source_notebooks(source_dir), Path(student_dir))
+    return [p for p, text in texts.items() if not p.is_file() or p.read_text(encoding="utf-8") != text]
+
+
+def build(source_dir: Path, student_dir: Path, timeout: float = 120.0, jobs: int = 1) -> dict[str, Reference]:
+    """Verify every exercise in ``source_dir`` and write its learner notebook to ``student_dir``.
+
+    Raises ExerciseError (writing nothing) when a solution fails its tests or a task header states other points.
+    Returns the verified references by notebook name, which ``grade_folder`` accepts to skip verifying again.
     """
-    sources = source_notebooks(source_dir)
+    sources, student_dir = source_notebooks(source_dir), Path(student_dir)
     Limits(timeout=timeout)  # ValueError for a bad timeout before anything runs
     if not (isinstance(jobs, int) and jobs >= 1):
         raise ValueError(f"jobs must be a whole number >= 1, got {jobs!r}")
-    # Cheap checks of every notebook's markers first, then the slow runs.
-    students = {p: student_notebook(json.loads(p.read_text(encoding="utf-8")), p.stem) for p in sources}
+    texts = _learner_texts(sources, student_dir)  # cheap checks of every notebook's markers first
+
     def try_verify(path: Path) -> Reference | str:
         try:  # the instructor's own notebooks: no sandbox needed (and none on macOS)
-            return verify(path, Limits(timeout=timeout), use_sandbox=False)
+            reference = verify(path, Limits(timeout=timeout), use_sandbox=False)
         except ExerciseError as exc:
             return str(exc)
+        return _check_headers(reference) or reference
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         verified = dict(zip(sources, pool.map(try_verify, sources)))
@@ -49,10 +89,8 @@ def build(source_dir: Path, student_dir: Path, timeout: float = 120.0, jobs: int
     for name, reference in references.items():
         print(f"{name}: solutions pass all {len(reference.tests)} tests ({reference.seconds:.1f} s)", flush=True)
     if failures:
-        raise ExerciseError("refusing to build the student versions:\n" + "\n".join(failures))
-    student_dir = Path(student_dir)
+        raise ExerciseError("refusing to build the learner notebooks:\n" + "\n".join(failures))
     student_dir.mkdir(parents=True, exist_ok=True)
-    for path, notebook in students.items():
-        text = json.dumps(notebook, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
-        (student_dir / path.name).write_text(text, encoding="utf-8")
+    for path, text in texts.items():
+        path.write_text(text, encoding="utf-8")
     return references

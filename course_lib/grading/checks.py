@@ -165,8 +165,34 @@ def _indent(text: str, prefix: str = "    ") -> str:
     return "\n".join(prefix + line for line in text.splitlines())
 
 
-def check(question: str) -> None:
-    """Run the visible tests of ``question`` and print which ones failed, each with a hint."""
+def _summary() -> None:
+    """One line per task (done, failing, not attempted) and the points of the passed tests."""
+    if not REGISTRY:
+        print("No tests yet: run the notebook's cells from the top (Run > Run All Cells), then check() again.")
+        return
+    earned = total = 0.0
+    for question in REGISTRY:
+        outcomes = run_tests(question)
+        passed = sum(o.passed for o in outcomes)
+        earned += sum(o.points for o in outcomes)
+        total += sum(o.max_points for o in outcomes)
+        if passed == len(outcomes):
+            state = f"done, all {len(outcomes)} tests pass"
+        elif all(o.not_started for o in outcomes):
+            state = "not attempted"
+        else:
+            state = f"{len(outcomes) - passed} of {len(outcomes)} tests failing: run check({question!r}) for details"
+        print(f"{question}: {state}")
+    print(f"Total: {earned:g} / {total:g} points from the tests in this notebook (your instructor's grading may "
+          "add hidden tests)")
+
+
+def check(question: str | None = None) -> None:
+    """Run the visible tests of ``question`` and print which ones failed, each with a hint; with no question,
+    print a summary of every task in the notebook."""
+    if question is None:
+        _summary()
+        return
     if question not in REGISTRY:
         known = ", ".join(sorted(REGISTRY)) or "none yet"
         print(f"No tests for {question!r}: run the tests cell of that task first (questions with tests: {known}).")

@@ -23,7 +23,9 @@ STUB = f'raise NotImplementedError("{STUB_MESSAGE}")'
 _BEGIN_SOLUTION, _END_SOLUTION = "# BEGIN SOLUTION", "# END SOLUTION"
 _BEGIN_HIDDEN, _END_HIDDEN = "# BEGIN HIDDEN", "# END HIDDEN"
 _BEGIN_TESTS, _END_TESTS = "# BEGIN TESTS", "# END TESTS"
-_CHECK_LINE = re.compile(r"""^check\(\s*(['"])\w+\1\s*\)\s*(#.*)?$""")
+_TASK_HEADER = re.compile(r"##\s+(?P<question>\w+):[^\n]*\((?P<points>\d+(?:\.\d+)?) points?, "
+                          r"about (?P<minutes>\d+) minutes?\)\s*$", re.MULTILINE)
+_CHECK_LINE = re.compile(r"""^check\(\s*((['"])\w+\2)?\s*\)\s*(#.*)?$""")
 
 
 class MarkerError(ValueError):
@@ -96,8 +98,17 @@ def check_tests_cell(source: str, where: str = "cell") -> None:
         raise MarkerError(f"{where}: a tests cell must start with '{_BEGIN_TESTS}' and end with '{_END_TESTS}'")
 
 
+def task_headers(notebook: dict) -> dict[str, tuple[float, int]]:
+    """question -> (points, minutes) from the markdown cells that start ``## qN: title (P points, about M minutes)``."""
+    found = {}
+    for cell in notebook.get("cells", []):
+        if cell.get("cell_type") == "markdown" and (match := _TASK_HEADER.match(cell_source(cell))):
+            found[match["question"]] = (float(match["points"]), int(match["minutes"]))
+    return found
+
+
 def is_check_cell(source: str) -> bool:
-    """True for a cell of nothing but ``check("qN")`` calls (and comments)."""
+    """True for a cell of nothing but ``check("qN")`` or ``check()`` calls (and comments)."""
     lines = [line.strip() for line in source.splitlines()]
     code = [line for line in lines if line and not line.startswith("#")]
     return bool(code) and all(_CHECK_LINE.match(line) for line in code)
