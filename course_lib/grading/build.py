@@ -14,8 +14,9 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from course_lib.colab import SETUP_TAG, badge_source, find_project, notebook_json, setup_source, with_setup_cells
-from course_lib.grading.grade import ExerciseError, Reference, verify
+from course_lib.colab import (SETUP_TAG, Project, badge_source, find_project, notebook_json, setup_source,
+                              with_setup_cells)
+from course_lib.grading.grade import ExerciseError, Reference, check_jobs, verify
 from course_lib.grading.markers import student_notebook, task_headers
 from course_lib.grading.sandbox import Limits
 
@@ -28,7 +29,7 @@ def source_notebooks(source_dir: Path) -> list[Path]:
     return found
 
 
-def learner_notebook(source: dict, name: str, path_in_repo: str) -> str:
+def learner_notebook(source: dict, name: str, path_in_repo: str, project: Project) -> str:
     """The text of the learner notebook cut from ``source``: the student version with the Colab badge (for the
     learner notebook at ``path_in_repo``) and setup cell first, without execution timestamps."""
     notebook = student_notebook(source, name)
@@ -38,13 +39,13 @@ def learner_notebook(source: dict, name: str, path_in_repo: str) -> str:
                     for kind in ("markdown", "code")]
     placeholders[1].update(execution_count=None, outputs=[])
     notebook["cells"] = placeholders + notebook["cells"]  # fixed ids: the same source always builds the same file
-    project = find_project(Path(__file__).parent)
     return notebook_json(with_setup_cells(notebook, badge_source(project, path_in_repo), setup_source(project)))
 
 
 def _learner_texts(sources: list[Path], student_dir: Path) -> dict[Path, str]:
+    project = find_project(Path(__file__).parent)
     return {student_dir / p.name: learner_notebook(json.loads(p.read_text(encoding="utf-8")), p.stem,
-                                                   f"{student_dir.name}/{p.name}") for p in sources}
+                                                   f"{student_dir.name}/{p.name}", project) for p in sources}
 
 
 def _check_headers(reference: Reference) -> str:
@@ -71,8 +72,7 @@ def build(source_dir: Path, student_dir: Path, timeout: float = 120.0, jobs: int
     """
     sources, student_dir = source_notebooks(source_dir), Path(student_dir)
     Limits(timeout=timeout)  # ValueError for a bad timeout before anything runs
-    if not (isinstance(jobs, int) and jobs >= 1):
-        raise ValueError(f"jobs must be a whole number >= 1, got {jobs!r}")
+    check_jobs(jobs)
     texts = _learner_texts(sources, student_dir)  # cheap checks of every notebook's markers first
 
     def try_verify(path: Path) -> Reference | str:

@@ -296,6 +296,12 @@ def _feedback_names(students: list[str]) -> dict[str, str]:
     return names
 
 
+def check_jobs(jobs: int) -> None:
+    """ValueError unless ``jobs`` (notebooks run at a time) is a whole number >= 1."""
+    if not (isinstance(jobs, int) and not isinstance(jobs, bool) and jobs >= 1):
+        raise ValueError(f"jobs must be a whole number >= 1, got {jobs!r}")
+
+
 def _prepare_results(results: Path, submissions: Path) -> None:
     """Make sure the results folder can be written, before anyone is graded."""
     if results.resolve() == submissions.resolve():
@@ -320,8 +326,7 @@ def grade_folder(source: Path, submissions: Path, results: Path, timeout: float 
     """
     source, submissions, results = Path(source), Path(submissions), Path(results)
     limits = sandbox.Limits(timeout=timeout, memory_mb=memory_mb)  # ValueError for a bad timeout or memory
-    if not (isinstance(jobs, int) and not isinstance(jobs, bool) and jobs >= 1):
-        raise ValueError(f"jobs must be a whole number >= 1, got {jobs!r}")
+    check_jobs(jobs)
     if not submissions.is_dir():
         raise ValueError(f"submissions: {submissions} is not a folder of submitted notebooks")
     _prepare_results(results, submissions)
