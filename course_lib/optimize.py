@@ -229,7 +229,7 @@ def drop_layers(model: nn.Module, layers: list[int]) -> nn.Module:
 @dataclass
 class VariantRow:
     name: str
-    speed_ratio: float  # x times the baseline's decode speed (same run, course timer)
+    speed_ratio: float  # x times the baseline's decode speed (same run, fastest runs, course timer)
     weight_bytes: int
     heldout_loss: float  # nats/token on the held-out stories
     same_text: bool  # greedy continuation identical to the baseline's

@@ -48,13 +48,14 @@ def test_new_tokens_counted_from_output(fake_clock):
 
 def test_compare_interleaves_and_reports_ratios(fake_clock):
     order = []
-    fake_clock.extend([0.4, 0.1, 0.4, 0.1, 0.4, 0.1])
+    # slow: 0.4, then two noisy runs of 0.9; fast: 0.1, then two noisy runs of 0.3
+    fake_clock.extend([0.4, 0.1, 0.9, 0.3, 0.9, 0.3])
     table = compare({"slow": lambda: order.append("slow"), "fast": lambda: order.append("fast")},
                     warmup=1, repeats=3, new_tokens={"slow": 8, "fast": 8})
     assert order == ["slow", "fast"] + ["slow", "fast"] * 3
-    assert table.ratio("fast") == pytest.approx(4.0)
+    assert table.ratio("fast") == pytest.approx(4.0)  # fastest over fastest, 0.4 / 0.1 (medians: 0.9 / 0.3)
     assert table.ratio("slow") == pytest.approx(1.0)
-    assert "| fast | 100.0 |" in table.to_markdown() and "4.00x" in table.to_markdown()
+    assert "| fast | 300.0 | 100.0 | 300.0 |" in table.to_markdown() and "4.00x" in table.to_markdown()
 
 
 def test_bad_arguments():
