@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -275,9 +276,25 @@ class Page:
 
     def menu(self, title: str, command: str) -> None:
         """Open menu ``title`` of the menu bar and click the item of ``command``."""
+        self.close_dialogs()
         bar = self.driver.find_elements(By.CSS_SELECTOR, ".lm-MenuBar-item")
         next(item for item in bar if item.text == title).click()
         self.driver.find_element(By.CSS_SELECTOR, f".lm-Menu-item[data-command='{command}']").click()
+
+    def close_dialogs(self) -> None:
+        """Close a modal dialog that covers the page, and say what it said (a warning in the test summary).
+
+        Lab shows one now and then right after start-up; a learner reads it and clicks it away. A dialog that
+        matters (a kernel that died) also shows in the outputs, which the tests check."""
+        for dialog in self.driver.find_elements(By.CSS_SELECTOR, "dialog.jp-Dialog"):
+            text = " ".join(dialog.text.split())
+            buttons = dialog.find_elements(By.CSS_SELECTOR, ".jp-Dialog-footer button")
+            if not buttons:
+                pytest.fail(f"{self.name}: a dialog without buttons covers the page: {text!r}")
+            warnings.warn(f"{self.name}: closed a JupyterLab dialog: {text!r}", stacklevel=2)
+            buttons[0].click()  # the reject button comes first: Cancel / Dismiss / Ok
+            _wait(lambda: not self.driver.find_elements(By.CSS_SELECTOR, "dialog.jp-Dialog"), 10,
+                  f"{self.name}: the dialog {text!r} to close")
 
     def widget_output(self, label: str) -> str:
         """The text under the interact() controls that include the control labelled ``label``."""
