@@ -307,24 +307,34 @@ def repeatable_decode_step(model: nn.Module, input_ids: torch.Tensor) -> Callabl
     return step
 
 
-def decode_time_breakdown(step: Callable[[], Any], repeats: int = 20) -> dict[str, float]:
+def decode_time_breakdown(step: Callable[[], Any], repeats: int = 20, threads: int | None = 1) -> dict[str, float]:
     """Seconds per call of ``step`` split into matmul kernels, all other torch ops, and the rest.
 
     "the rest" is wall time spent outside any torch op: Python, module calls, the dispatcher between ops
     (and the profiler's own bookkeeping, so it is an upper bound). At batch 1 on a small model it dominates.
+    ``threads``: CPU threads for torch during the profile (None: as set). One by default: a one-token matmul is
+    too small to gain from a second thread, and with two, a kernel whose second thread is kept waiting by
+    another program counts that wait as matmul time.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    step()  # warm-up: first-call allocations are not the steady state
-    # torch.profiler's C++ back end (Kineto) prints "USDT: ... profiler_start/stop" to stderr on every profile
-    # at its default level. It reads KINETO_LOG_LEVEL once, at the first profile of the process; 6 is above its
-    # highest level (USDT = 5). A level the user set is kept.
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        for _ in range(repeats):
-            step()
-        wall = time.perf_counter() - start
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        step()  # warm-up: first-call allocations are not the steady state
+        # torch.profiler's C++ back end (Kineto) prints "USDT: ... profiler_start/stop" to stderr on every profile
+        # at its default level. It reads KINETO_LOG_LEVEL once, at the first profile of the process; 6 is above
+        # its highest level (USDT = 5). A level the user set is kept.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(repeats):
+                step()
+            wall = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(previous)
     events = prof.key_averages()
     matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 1e6
     all_ops = sum(e.self_cpu_time_total for e in events) / 1e6

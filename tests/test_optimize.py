@@ -156,6 +156,16 @@ def test_time_breakdown_adds_up(tiny_gpt2):
         decode_time_breakdown(lambda: None, repeats=0)
 
 
+def test_time_breakdown_profiles_on_the_threads_asked_and_restores_them():
+    seen = []
+    old = torch.get_num_threads()
+    decode_time_breakdown(lambda: seen.append(torch.get_num_threads()), repeats=2)
+    decode_time_breakdown(lambda: seen.append(torch.get_num_threads()), repeats=2, threads=None)
+    assert seen == [1, 1, 1, old, old, old] and torch.get_num_threads() == old
+    with pytest.raises(ValueError, match="threads must be an integer >= 1 or None"):
+        decode_time_breakdown(lambda: None, threads=0)
+
+
 def test_time_breakdown_prints_nothing_on_stderr():
     # A fresh process: the profiler's C++ logger reads its level once, at the first profile of a process.
     code = ("import torch; from course_lib.optimize import decode_time_breakdown; "
