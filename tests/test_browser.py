@@ -94,8 +94,10 @@ def _copy_without_outputs(source: Path, target: Path) -> None:
 
 
 def _lab_settings(folder: Path) -> None:
-    """User settings: every cell in the page (no windowing: all outputs can be checked), no news pop-up."""
-    settings = {"notebook-extension/tracker": {"windowingMode": "none"},
+    """User settings: every cell in the page (no windowing: all outputs can be checked), no news pop-up, and
+    the notebook's own kernel started without asking (a Lab that has just started may otherwise ask "Select
+    Kernel" for the first notebook, before it has read the kernel list)."""
+    settings = {"notebook-extension/tracker": {"windowingMode": "none", "autoStartDefaultKernel": True},
                 "apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False}}
     for plugin, values in settings.items():
         path = folder / "@jupyterlab" / f"{plugin}.jupyterlab-settings"
@@ -177,7 +179,7 @@ def notebook_page(lab: Lab, browser) -> Iterator[Callable[[str], "Page"]]:
     def open_notebook(name: str) -> Page:
         browser.get(f"{lab.url}/lab/tree/{name}?reset&token={lab.token}")  # reset: only this notebook opens
         page = Page(browser, name)
-        _wait(lambda: page.kernel_status() == "idle", 120, f"{name}: its kernel to start")
+        _wait(lambda: page.close_dialogs() or page.kernel_status() == "idle", 120, f"{name}: its kernel to start")
         return page
 
     yield open_notebook
@@ -282,17 +284,21 @@ class Page:
         self.driver.find_element(By.CSS_SELECTOR, f".lm-Menu-item[data-command='{command}']").click()
 
     def close_dialogs(self) -> None:
-        """Close a modal dialog that covers the page, and say what it said (a warning in the test summary).
+        """Answer a modal dialog that covers the page with its default button, as a learner pressing Enter
+        would, and say what it said (a warning in the test summary).
 
-        Lab shows one now and then right after start-up; a learner reads it and clicks it away. A dialog that
-        matters (a kernel that died) also shows in the outputs, which the tests check."""
+        A Lab that has just started sometimes asks "Select Kernel" for the first notebook it opens although the
+        notebook names its kernel; the default answer starts that kernel. A dialog that matters (a kernel that
+        died) also shows in the outputs, which the tests check."""
         for dialog in self.driver.find_elements(By.CSS_SELECTOR, "dialog.jp-Dialog"):
             text = " ".join(dialog.text.split())
             buttons = dialog.find_elements(By.CSS_SELECTOR, ".jp-Dialog-footer button")
             if not buttons:
                 pytest.fail(f"{self.name}: a dialog without buttons covers the page: {text!r}")
-            warnings.warn(f"{self.name}: closed a JupyterLab dialog: {text!r}", stacklevel=2)
-            buttons[0].click()  # the reject button comes first: Cancel / Dismiss / Ok
+            warnings.warn(f"{self.name}: answered a JupyterLab dialog with its default button: {text!r}",
+                          stacklevel=2)
+            default = [b for b in buttons if "jp-mod-accept" in (b.get_attribute("class") or "")]
+            (default or buttons)[-1].click()
             _wait(lambda: not self.driver.find_elements(By.CSS_SELECTOR, "dialog.jp-Dialog"), 10,
                   f"{self.name}: the dialog {text!r} to close")
 
