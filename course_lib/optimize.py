@@ -26,6 +26,7 @@ from torch.nn.utils import prune
 from transformers import DynamicCache
 from transformers.pytorch_utils import Conv1D
 
+from course_lib.checks import check, is_integer
 from course_lib.devices import model_device, to_model_device
 from course_lib.models import resolve_dtype
 from course_lib.timing import benchmark, compare, weight_bytes
@@ -318,8 +319,8 @@ def decode_time_breakdown(step: Callable[[], Any], repeats: int = 20, threads: i
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
+    check("threads", threads, threads is None or is_integer(threads) and threads >= 1,
+          "an integer >= 1, or None (torch's current setting)")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -179,7 +178,7 @@ def notebook_page(lab: Lab, browser) -> Iterator[Callable[[str], "Page"]]:
     def open_notebook(name: str) -> Page:
         browser.get(f"{lab.url}/lab/tree/{name}?reset&token={lab.token}")  # reset: only this notebook opens
         page = Page(browser, name)
-        _wait(lambda: page.close_dialogs() or page.kernel_status() == "idle", 120, f"{name}: its kernel to start")
+        _wait(lambda: page.kernel_status() == "idle", 120, f"{name}: its kernel to start")
         return page
 
     yield open_notebook
@@ -278,29 +277,15 @@ class Page:
 
     def menu(self, title: str, command: str) -> None:
         """Open menu ``title`` of the menu bar and click the item of ``command``."""
-        self.close_dialogs()
+        self.fail_if_a_dialog_covers_the_page()
         bar = self.driver.find_elements(By.CSS_SELECTOR, ".lm-MenuBar-item")
         next(item for item in bar if item.text == title).click()
         self.driver.find_element(By.CSS_SELECTOR, f".lm-Menu-item[data-command='{command}']").click()
 
-    def close_dialogs(self) -> None:
-        """Answer a modal dialog that covers the page with its default button, as a learner pressing Enter
-        would, and say what it said (a warning in the test summary).
-
-        A Lab that has just started sometimes asks "Select Kernel" for the first notebook it opens although the
-        notebook names its kernel; the default answer starts that kernel. A dialog that matters (a kernel that
-        died) also shows in the outputs, which the tests check."""
+    def fail_if_a_dialog_covers_the_page(self) -> None:
+        """A modal dialog would take the next click: fail with what it says rather than with a click error."""
         for dialog in self.driver.find_elements(By.CSS_SELECTOR, "dialog.jp-Dialog"):
-            text = " ".join(dialog.text.split())
-            buttons = dialog.find_elements(By.CSS_SELECTOR, ".jp-Dialog-footer button")
-            if not buttons:
-                pytest.fail(f"{self.name}: a dialog without buttons covers the page: {text!r}")
-            warnings.warn(f"{self.name}: answered a JupyterLab dialog with its default button: {text!r}",
-                          stacklevel=2)
-            default = [b for b in buttons if "jp-mod-accept" in (b.get_attribute("class") or "")]
-            (default or buttons)[-1].click()
-            _wait(lambda: not self.driver.find_elements(By.CSS_SELECTOR, "dialog.jp-Dialog"), 10,
-                  f"{self.name}: the dialog {text!r} to close")
+            pytest.fail(f"{self.name}: a JupyterLab dialog covers the page: {' '.join(dialog.text.split())!r}")
 
     def widget_output(self, label: str) -> str:
         """The text under the interact() controls that include the control labelled ``label``."""

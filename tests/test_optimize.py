@@ -162,7 +162,7 @@ def test_time_breakdown_profiles_on_the_threads_asked_and_restores_them():
     decode_time_breakdown(lambda: seen.append(torch.get_num_threads()), repeats=2)
     decode_time_breakdown(lambda: seen.append(torch.get_num_threads()), repeats=2, threads=None)
     assert seen == [1, 1, 1, old, old, old] and torch.get_num_threads() == old
-    with pytest.raises(ValueError, match="threads must be an integer >= 1 or None"):
+    with pytest.raises(ValueError, match="threads=0 is not allowed; threads must be an integer >= 1"):
         decode_time_breakdown(lambda: None, threads=0)
 
 
