@@ -12,7 +12,7 @@ Two rules, for members that share one vocabulary (the same token id means the sa
 softmax leaves them unchanged), so the course's tools take it as they take a model::
 
     ens = Ensemble([storyteller, llama], weights=[0.5, 0.5], method="mixture")
-    heldout_loss(ens, ids)                                               # course_lib.train
+    heldout_loss(ens, ids)                                               # course_lib.metrics
     generate(ens, input_ids, max_new_tokens=40, processors=[...])       # course_lib.decoding, KV-cached
 """
 
@@ -22,11 +22,11 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutput
 
-from course_lib.decoding.loop import no_padding_mask
+from course_lib.decoding.steps import new_cache, no_padding_mask
 from course_lib.devices import to_model_device
+from course_lib.metrics import nll, target_logprobs
 
 METHODS = ("mixture", "product")
 
@@ -127,7 +127,7 @@ class Ensemble(nn.Module):
             return [None] * len(self.members)
         if cache is not self._loop_cache:  # a new generation started: fresh caches for the other members
             self._loop_cache = cache
-            self._own_caches = [DynamicCache(config=m.config.get_text_config(decoder=True)) for m in self.members[1:]]
+            self._own_caches = [new_cache(m) for m in self.members[1:]]
         return [cache, *self._own_caches]
 
     def member_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -154,14 +154,6 @@ class Ensemble(nn.Module):
         return CausalLMOutput(logits=combine_log_probs(members, self.weights, self.method))  # (B, T, vocab)
 
 
-def nll(log_probs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean negative log-likelihood (nats/token) of ``targets`` (B, T) under ``log_probs`` (B, T, vocab).
-
-    ``targets`` follow ``log_probs`` to the device the model computed them on.
-    """
-    return -log_probs.gather(-1, targets.to(log_probs.device)[..., None]).mean().item()
-
-
 def weight_sweep(member_log_probs: Sequence[torch.Tensor], targets: torch.Tensor, grid: Sequence[float],
                  method: str = "mixture") -> list[float]:
     """Held-out loss of a two-member ensemble for each weight ``w`` of member 0 (member 1 gets ``1 - w``).
@@ -176,6 +168,6 @@ def weight_sweep(member_log_probs: Sequence[torch.Tensor], targets: torch.Tensor
         # the mixture's probability of the target needs only each member's probability OF THE TARGET:
         # gather first and combine (N, T, 1) instead of (N, T, vocab). The product needs the whole
         # vocabulary for its normaliser.
-        member_log_probs = [lp.gather(-1, targets[..., None]) for lp in member_log_probs]  # (N, T, 1) each
+        member_log_probs = [target_logprobs(lp, targets)[..., None] for lp in member_log_probs]  # (N, T, 1) each
         return [-combine_log_probs(member_log_probs, [w, 1 - w], method).mean().item() for w in grid]
     return [nll(combine_log_probs(member_log_probs, [w, 1 - w], method), targets) for w in grid]

@@ -22,18 +22,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from course_lib.devices import to_model_device
-from course_lib.models import ASSETS_DIR
-from course_lib.train import TrainConfig, lr_at, make_optimizer, random_windows, read_stories, train_step
+from course_lib.train import TrainConfig, lr_at, make_optimizer, random_windows, train_step
 
-THEMED_STORIES_FILE = ASSETS_DIR / "robot_stories.txt"
 # GPT-2 fuses query, key and value into one layer, c_attn; Llama has separate q_proj / v_proj. Hu et al. adapt
 # the query and value projections; these names reach them in both architectures.
 DEFAULT_TARGETS = ("c_attn", "q_proj", "v_proj")
-
-
-def themed_stories() -> list[str]:
-    """The 14 short "Pip the little robot" stories written for this course (original text, public domain)."""
-    return read_stories(THEMED_STORIES_FILE)
 
 
 def finetune_config(**overrides) -> TrainConfig:

@@ -4,7 +4,8 @@ Without a cache, producing token t re-runs the model over all t tokens before it
 grows like n^2. Attention only ever needs the past tokens' keys and values, which never change, so a cache
 stores them and the model runs over the one new token (Pope et al. 2022, arXiv:2211.05102).
 
-Two caches with one interface (their base class ``KVCache``), used by ``course_lib.minigpt``:
+Two caches with one interface (their base class ``KVCache``), used by ``course_lib.minigpt``. The interface is
+the one ``course_lib.decoding`` already uses on transformers' caches, so every decoder runs on either model:
 
 - ``DynamicKVCache`` grows: every step concatenates the new keys (like transformers' ``DynamicCache``).
   Memory follows the tokens really stored, but each step allocates and copies.
@@ -15,10 +16,11 @@ Two caches with one interface (their base class ``KVCache``), used by ``course_l
 
 The interface (the forward pass calls ``update`` once per layer, then ``advance`` once)::
 
-    cache.length                      # tokens stored so far (an int on the host: reading it never syncs)
+    cache.get_seq_length()            # tokens stored so far (an int on the host: reading it never syncs)
     k_all, v_all = cache.update(layer, k, v)   # k, v: (B, heads, T, head_dim) of the T new tokens
     cache.advance(T)                  # after the last layer: the T new tokens now count as stored
-    cache.crop(n)                     # forget everything after the first n tokens (rejected draft tokens)
+    cache.crop(n)                     # keep the first n tokens; crop(-n) drops the last n (rejected drafts)
+    cache.reorder_cache(rows)         # keep / reorder / repeat batch rows (beam search, contrastive search)
     cache.clone()                     # an independent copy (reuse a shared prompt prefix)
     cache.nbytes                      # bytes the key/value tensors hold, measured
 """
@@ -26,8 +28,6 @@ The interface (the forward pass calls ``update`` once per layer, then ``advance`
 from __future__ import annotations
 
 import torch
-
-from course_lib.devices import to_model_device
 
 
 def kv_cache_bytes(n_layers: int, n_heads: int, head_dim: int, tokens: int, batch: int = 1,
@@ -63,15 +63,20 @@ class KVCache:
     length: int = 0
     capacity: int | None = None
 
+    def get_seq_length(self) -> int:
+        """Tokens stored so far (the name transformers' caches use, so one decode loop reads both)."""
+        return self.length
+
     def advance(self, n: int) -> None:
         """Count the ``n`` tokens every layer has just written as stored."""
         self.length += n
 
     def crop(self, n: int) -> None:
-        """Keep only the first ``n`` tokens."""
-        if not 0 <= n <= self.length:
+        """Keep only the first ``n`` tokens; ``crop(-n)`` drops the last ``n`` (transformers' convention)."""
+        keep = self.length + n if n < 0 else n
+        if not 0 <= keep <= self.length:
             raise ValueError(f"cannot crop to {n} tokens: the cache holds {self.length}")
-        self.length = n
+        self.length = keep
 
 
 class DynamicKVCache(KVCache):
@@ -96,8 +101,13 @@ class DynamicKVCache(KVCache):
 
     def crop(self, n: int) -> None:
         super().crop(n)
-        self.keys = [None if k is None else k[:, :, :n] for k in self.keys]
-        self.values = [None if v is None else v[:, :, :n] for v in self.values]
+        self.keys = [None if k is None else k[:, :, : self.length] for k in self.keys]
+        self.values = [None if v is None else v[:, :, : self.length] for v in self.values]
+
+    def reorder_cache(self, rows: torch.LongTensor) -> None:
+        """Batch row i becomes old row ``rows[i]`` (B',): beams follow their parents, candidates get copies."""
+        self.keys = [None if k is None else k.index_select(0, rows.to(k.device)) for k in self.keys]
+        self.values = [None if v is None else v.index_select(0, rows.to(v.device)) for v in self.values]
 
     def clone(self) -> "DynamicKVCache":
         copy = DynamicKVCache(len(self.keys))
@@ -146,6 +156,11 @@ class StaticKVCache(KVCache):
         self.values[layer, :, :, start:end] = v
         return self.keys[layer], self.values[layer]
 
+    def reorder_cache(self, rows: torch.LongTensor) -> None:
+        """Batch row i becomes old row ``rows[i]`` (B',); a new batch size reallocates the buffers."""
+        self.keys = self.keys.index_select(1, rows.to(self.keys.device))  # (L, B', heads, max_len, head_dim)
+        self.values = self.values.index_select(1, rows.to(self.values.device))
+
     def clone(self) -> "StaticKVCache":
         copy = object.__new__(StaticKVCache)
         copy.keys, copy.values = self.keys.clone(), self.values.clone()
@@ -155,31 +170,3 @@ class StaticKVCache(KVCache):
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
-
-
-def cost_per_token(model, ids: torch.Tensor, positions, repeats: int = 3) -> dict[str, list[float]]:
-    """Median seconds to produce the token after position p, for each p in ``positions``, with and without a cache.
-
-    Without a cache that is a forward pass over all p + 1 tokens of ``ids`` (1, >= max(positions) + 1); with
-    one, a single decode step reading p cached tokens. ``model`` is a ``course_lib.minigpt.MiniGPT``.
-    """
-    from course_lib.minigpt import decode_step, new_cache, prefill  # minigpt imports this module
-    from course_lib.timing import compare
-
-    if max(positions) + 1 > ids.shape[1]:
-        raise ValueError(f"positions up to {max(positions)} need {max(positions) + 1} tokens; ids has {ids.shape[1]}")
-    ids = to_model_device(model, ids)  # once, outside the timed calls
-    costs: dict[str, list[float]] = {"no cache": [], "KV cache": []}
-    for p in positions:
-        cache = new_cache(model, "static", max_len=p + 1)
-        prefill(model, ids[:, :p], cache)
-
-        def cached_step(p=p, cache=cache):
-            cache.crop(p)  # forget the token the previous repeat wrote, so every repeat does the same work
-            return decode_step(model, ids[:, p : p + 1], cache)
-
-        result = compare({"no cache": lambda p=p: model(ids[:, : p + 1], last_only=True),
-                          "KV cache": cached_step}, repeats=repeats, device=ids.device)
-        for name in costs:
-            costs[name].append(result[name].median_s)
-    return costs

@@ -1,16 +1,17 @@
 """GPT-2 from scratch in one file (nanoGPT style), running the storyteller's own weights with an explicit KV cache.
 
-``model.generate()`` hides the two things that make generation fast: the KV cache and a short loop. Here both
-are in plain sight::
+``MiniGPT`` speaks the same forward protocol as a transformers causal LM (``input_ids``, ``attention_mask``,
+``position_ids``, ``cache``, ``logits_to_keep``; an output with ``.logits``), so every decoder in
+``course_lib.decoding`` runs on it unchanged, and its caches (``course_lib.kv_cache``) are plain objects you can
+open and read::
 
     model = MiniGPT.from_pretrained("storyteller")      # or MiniGPT.from_hf(hf_model): the SAME weights
-    cache = new_cache(model, "static", batch=1, max_len=128)
-    logits = prefill(model, ids, cache)                 # (B, vocab): the whole prompt in one forward pass
-    logits = decode_step(model, next_ids, cache)        # (B, vocab): one new token per row, reading the cache
-    out = generate(model, ids, max_new_tokens=64)       # greedy, no host sync per token, output preallocated
+    cache = model.make_cache("static", max_len=128)     # or "dynamic"
+    logits = prefill(model, ids, None, cache)           # course_lib.decoding: (B, vocab), the whole prompt
+    logits = decode_step(model, next_ids, None, cache)  # (B, vocab): one new token per row, reading the cache
 
-``prefill`` and ``decode_step`` are the same forward pass over T tokens or 1 token: prefill does a lot of work
-per weight read (compute-bound), decode does little (memory-bound); that difference is the whole story of
+A prefill and a decode step are the same forward pass over T tokens or 1 token: prefill does a lot of work per
+weight read (compute-bound), decode does little (memory-bound); that difference is the whole story of
 generation speed.
 """
 
@@ -24,10 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from course_lib.checks import check, is_integer
-from course_lib.devices import model_device, to_model_device
-from course_lib.kv_cache import DynamicKVCache, StaticKVCache
-from course_lib.models import check_fits, check_token_ids
+from course_lib.devices import model_device
+from course_lib.kv_cache import DynamicKVCache, KVCache, StaticKVCache
+from course_lib.models import check_fits
 
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # name -> F.gelu approximate=
 
@@ -41,6 +41,9 @@ class GPTConfig:
     vocab_size: int
     layer_norm_epsilon: float = 1e-5
     activation_function: str = "gelu_new"
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -63,7 +66,8 @@ class GPTConfig:
         if act not in ACTIVATIONS:
             raise ValueError(f"unsupported activation {act!r}; allowed: {', '.join(ACTIVATIONS)}")
         return cls(cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["n_positions"], cfg["vocab_size"],
-                   cfg.get("layer_norm_epsilon", 1e-5), act)
+                   cfg.get("layer_norm_epsilon", 1e-5), act, cfg.get("bos_token_id"), cfg.get("eos_token_id"),
+                   cfg.get("pad_token_id"))
 
 
 class Attention(nn.Module):
@@ -130,42 +134,68 @@ def attention_layout(past: int, T: int, n_keys: int, attention_mask: torch.Tenso
     return mask[:, None], positions
 
 
+@dataclass
+class LMOutput:
+    """What ``MiniGPT.forward`` returns, with transformers' field names, so one decode loop reads both."""
+
+    logits: torch.Tensor  # (B, T, vocab), or the last logits_to_keep positions
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings, each block's output; the last after ln_f
+
+
 class MiniGPT(nn.Module):
     """A GPT-2 language model whose forward pass takes an explicit KV cache."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
+        self.generation_config = cfg  # EOS, pad and BOS ids, where the decoders look for them
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)  # token embeddings, also the output head (tied)
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)  # learned position embeddings
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
 
-    def forward(self, ids: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, vocab) of the T tokens ``ids`` (B, T) that follow the ``cache.length`` cached ones.
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None, use_cache: bool = True,
+                logits_to_keep: int = 0, output_hidden_states: bool = False) -> LMOutput:
+        """Logits (B, T, vocab) of the T tokens ``input_ids`` (B, T) that follow the ``cache``'s stored ones.
 
-        ``attention_mask`` (B, cache.length + T): 1 = real token, 0 = left padding. ``last_only`` computes the
-        logits of the last position only (B, 1, vocab): all that generation needs from a prompt.
+        ``attention_mask`` (B, cached + T): 1 = real token, 0 = left padding. ``position_ids`` (B, T): default
+        counts real tokens. ``logits_to_keep=1`` computes the last position's logits only (all generation needs
+        from a prompt). ``use_cache=False`` ignores ``cache``.
         """
-        if ids.dim() != 2:
-            raise ValueError(f"ids must be (batch, tokens), got shape {tuple(ids.shape)}")
-        B, T = ids.shape
-        past = 0 if cache is None else cache.length
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        cache = cache if use_cache else None
+        past = 0 if cache is None else cache.get_seq_length()
         check_fits(self, past + T, what=f"{past} cached + {T} new tokens")
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask must be (batch, cached + new tokens) = {(B, past + T)}, "
                              f"got {tuple(attention_mask.shape)}")
         n_keys = past + T if cache is None or cache.capacity is None else cache.capacity
-        mask, positions = attention_layout(past, T, n_keys, attention_mask, ids.device)
-        x = self.wte(ids) + self.wpe(positions)  # (B, T, C)
+        mask, positions = attention_layout(past, T, n_keys, attention_mask, input_ids.device)
+        x = self.wte(input_ids) + self.wpe(positions if position_ids is None else position_ids)  # (B, T, C)
+        hidden = []
         for layer, block in enumerate(self.h):
+            hidden.append(x)
             x = block(x, layer, cache, mask)
         if cache is not None:
             cache.advance(T)
-        if last_only:
-            x = x[:, -1:]  # (B, 1, C): skip the vocab projection of every prompt token
-        return F.linear(self.ln_f(x), self.wte.weight)  # (B, T, vocab)
+        x = self.ln_f(x)
+        hidden.append(x)
+        logits = F.linear(x[:, -logits_to_keep:], self.wte.weight)  # (B, T or logits_to_keep, vocab)
+        return LMOutput(logits, tuple(hidden) if output_hidden_states else None)
+
+    def make_cache(self, kind: str = "dynamic", batch: int = 1, max_len: int | None = None) -> KVCache:
+        """An empty KV cache: "dynamic" (grows) or "static" (``max_len`` slots for ``batch`` rows, default the
+        context window)."""
+        cfg = self.config
+        if kind == "dynamic":
+            return DynamicKVCache(cfg.n_layer)
+        if kind == "static":
+            return StaticKVCache(cfg.n_layer, batch, cfg.n_head, cfg.head_dim, max_len or cfg.n_positions,
+                                 dtype=self.wte.weight.dtype, device=model_device(self))
+        raise ValueError(f"unknown cache kind {kind!r}; allowed: 'dynamic', 'static'")
 
     @classmethod
     def from_state_dict(cls, config: dict, state_dict: dict[str, torch.Tensor]) -> "MiniGPT":
@@ -185,8 +215,11 @@ class MiniGPT(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model) -> "MiniGPT":
-        """The same weights as a transformers ``GPT2LMHeadModel`` (copied into nn.Linear layout)."""
-        return cls.from_state_dict(hf_model.config.to_dict(), hf_model.state_dict())
+        """The same weights (copied into nn.Linear layout) and EOS/pad/BOS ids as a transformers
+        ``GPT2LMHeadModel``."""
+        ids = {name: getattr(hf_model.generation_config, name) for name in ("bos_token_id", "eos_token_id",
+                                                                             "pad_token_id")}
+        return cls.from_state_dict({**hf_model.config.to_dict(), **ids}, hf_model.state_dict())
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "storyteller") -> "MiniGPT":
@@ -201,72 +234,3 @@ class MiniGPT(nn.Module):
                              f"({', '.join(BUNDLED_MODELS)}) or a GPT-2 model folder")
         config = json.loads((folder / "config.json").read_text())
         return cls.from_state_dict(config, load_file(folder / "model.safetensors"))
-
-
-def new_cache(model: MiniGPT, kind: str = "dynamic", batch: int = 1, max_len: int | None = None):
-    """An empty KV cache for ``model``: "dynamic" (grows) or "static" (``max_len`` slots, default the context)."""
-    cfg = model.config
-    if kind == "dynamic":
-        return DynamicKVCache(cfg.n_layer)
-    if kind == "static":
-        return StaticKVCache(cfg.n_layer, batch, cfg.n_head, cfg.head_dim, max_len or cfg.n_positions,
-                             dtype=model.wte.weight.dtype, device=model_device(model))
-    raise ValueError(f"unknown cache kind {kind!r}; allowed: 'dynamic', 'static'")
-
-
-@torch.inference_mode()
-def prefill(model: MiniGPT, ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the prompt ``ids`` (B, T) through the model in one pass, filling ``cache``; next-token logits (B, vocab)."""
-    ids, attention_mask = to_model_device(model, ids, attention_mask)
-    return model(ids, cache, attention_mask, last_only=True)[:, -1]
-
-
-@torch.inference_mode()
-def decode_step(model: MiniGPT, ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """One new token per row, ``ids`` (B, 1), attending to everything in ``cache``; next-token logits (B, vocab)."""
-    ids, attention_mask = to_model_device(model, ids, attention_mask)
-    return model(ids, cache, attention_mask)[:, -1]
-
-
-@torch.inference_mode()
-def generate(model: MiniGPT, ids: torch.Tensor, max_new_tokens: int, cache="dynamic",
-             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Greedy generation of exactly ``max_new_tokens`` per row; returns (B, T + max_new_tokens).
-
-    ``cache``: "dynamic", "static", a cache object that already holds earlier tokens (a shared prefix), or None
-    to re-run the model over the whole sequence at every step (the quadratic baseline). ``attention_mask``
-    (B, cached + T) marks left padding with 0. Like gpt-fast, the loop has no EOS check, so it never waits for
-    the device (no ``.item()``); cut the rows at EOS afterwards.
-    """
-    check("max_new_tokens", max_new_tokens, is_integer(max_new_tokens) and max_new_tokens >= 1, "an integer >= 1")
-    check_token_ids(model, ids)
-    B, T = ids.shape
-    past = 0 if cache is None or isinstance(cache, str) else cache.length
-    check_fits(model, past + T + max_new_tokens, what=f"{past} cached + {T} prompt tokens + max_new_tokens")
-    if isinstance(cache, str):
-        cache = new_cache(model, cache, B, T + max_new_tokens)
-    ids, attention_mask = to_model_device(model, ids, attention_mask)
-    out = torch.empty(B, T + max_new_tokens, dtype=ids.dtype, device=ids.device)  # filled in place, no cat
-    out[:, :T] = ids
-    full_mask = None  # no padding: the causal mask alone will do
-    if attention_mask is not None:
-        full_mask = torch.ones(B, past + T + max_new_tokens, dtype=torch.long, device=ids.device)
-        full_mask[:, : past + T] = attention_mask
-
-    def mask_upto(n: int) -> torch.Tensor | None:
-        return None if full_mask is None else full_mask[:, :n]
-
-    if cache is None:
-        logits = model(ids, None, mask_upto(T), last_only=True)[:, -1]  # (B, vocab)
-    else:
-        logits = prefill(model, ids, cache, mask_upto(past + T))
-    for i in range(max_new_tokens):
-        out[:, T + i] = logits.argmax(dim=-1)  # (B,)
-        if i == max_new_tokens - 1:
-            break
-        n = past + T + i + 1  # tokens in the sequence so far, cached or not
-        if cache is None:  # no cache: run the model over everything again
-            logits = model(out[:, : T + i + 1], None, mask_upto(n), last_only=True)[:, -1]
-        else:
-            logits = decode_step(model, out[:, T + i : T + i + 1], cache, mask_upto(n))
-    return out

@@ -22,7 +22,6 @@ from course_lib.devices import get_device
 ASSETS_DIR = Path(__file__).parent / "assets"
 TOKENIZER_DIR = ASSETS_DIR / "tokenizer"
 MODELS_DIR = ASSETS_DIR / "models"
-HELDOUT_FILE = ASSETS_DIR / "heldout_stories.txt"
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")  # a vocabulary
 
@@ -201,12 +200,6 @@ def model_card(name: str) -> dict:
     return json.loads((bundled_path(name) / "training.json").read_text())
 
 
-def heldout_stories() -> list[str]:
-    """Held-out stories shipped with the package (never seen in training), for quality checks."""
-    text = HELDOUT_FILE.read_text(encoding="utf-8")
-    return [s.strip() for s in text.split(f"\n{EOS_TOKEN}\n") if s.strip()]
-
-
 # ----------------------------------------------------------------------------- what a model accepts
 
 
@@ -255,3 +248,30 @@ def check_token_ids(model, input_ids) -> None:
     if low < 0 or high >= vocab:
         raise ValueError(f"input_ids hold token id {low if low < 0 else high}, outside the vocabulary of "
                          f"{type(model).__name__}: ids must be in 0..{vocab - 1}; encode with the model's own tokenizer")
+
+
+# ----------------------------------------------------------------------------- several GPUs, one model
+
+
+class NotEnoughGPUsError(RuntimeError):
+    """Spreading one model over several GPUs was asked for on a machine with fewer GPUs."""
+
+
+def load_across_gpus(name_or_path: str = "storyteller", min_gpus: int = 2):
+    """Load a transformers model split layer by layer over all visible GPUs with accelerate's ``device_map="auto"``.
+
+    This replaced ``model.parallelize()`` (removed from transformers). Each GPU holds some of the layers and
+    the activations travel from one GPU to the next: it makes a model fit that one GPU cannot hold, it does
+    not make one request faster. ``model.hf_device_map`` tells where each layer went.
+    """
+    found = torch.cuda.device_count()
+    if found < min_gpus:
+        raise NotEnoughGPUsError(
+            f"device_map='auto' spreads a model over several GPUs, but this machine has {found} CUDA GPU(s) "
+            f"(need {min_gpus}). On one device use course_lib.load_model(...); run this on a machine with "
+            f">= {min_gpus} GPUs to see the layers placed on cuda:0, cuda:1, ...")
+    from transformers import AutoModelForCausalLM
+
+    source = bundled_path(name_or_path) if name_or_path in BUNDLED_MODELS else name_or_path
+    return AutoModelForCausalLM.from_pretrained(source, device_map="auto", use_safetensors=True,
+                                                trust_remote_code=False).eval()

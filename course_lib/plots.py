@@ -244,7 +244,7 @@ def time_breakdown(parts: dict[str, float], ax=None, title: str | None = None):
 def speculative_speedup(c: float, ks=(1, 2, 4, 8), measured: tuple[float, float] | None = None,
                         measured_k: int | None = None, ax=None, title: str | None = None):
     """Leviathan et al.'s expected speed-up against acceptance rate, one curve per k; ``measured`` = (alpha, x)."""
-    from course_lib.speculative import expected_speedup
+    from course_lib.decoding.speculative import expected_speedup
 
     ax = _axes(ax, figsize=(6, 3.6))
     alphas = torch.linspace(0, 0.99, 100).tolist()

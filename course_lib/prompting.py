@@ -18,31 +18,10 @@ from typing import Sequence
 
 import torch
 
+from course_lib.data import encode_prompt, encode_prompts, text_list
 from course_lib.decoding import greedy_search, next_token_probs
-from course_lib.devices import to_model_device
-# The context-window check lives in models.py; ContextLengthError and context_window stay importable from here.
-from course_lib.models import ContextLengthError, check_fits, context_window  # noqa: F401
-
-
-def _as_list(texts: str | Sequence[str], name: str) -> list[str]:
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    if not texts:
-        raise ValueError(f"{name} is empty; give at least one string")
-    return texts
-
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of ``prompt`` after the start-of-story token (BOS = ``<|endoftext|>``)."""
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
-    return [tokenizer.bos_token_id, *tokenizer(prompt)["input_ids"]]
-
-
-def encode_prompts(tokenizer, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts as a left-padded batch (the side generation continues from): ids and attention mask, (B, T)."""
-    texts = _as_list(prompts, "prompts")
-    batch = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, p) for p in texts]}, return_tensors="pt")
-    return batch["input_ids"], batch["attention_mask"]
+from course_lib.metrics import next_token_logprobs
+from course_lib.models import check_fits
 
 
 def next_token_distribution(model, tokenizer, prompts: str | Sequence[str]) -> torch.Tensor:
@@ -91,7 +70,7 @@ def continuation_logprobs(model, tokenizer, prompts: str | Sequence[str],
     continuation are tokenized separately and joined, so a continuation that follows a word should start
     with a space (``" there was"``), exactly as the tokenizer would split the joined text.
     """
-    conts = _as_list(continuations, "continuations")
+    conts = text_list(continuations, "continuations")
     texts = [prompts] * len(conts) if isinstance(prompts, str) else list(prompts)
     if len(texts) != len(conts):
         raise ValueError(f"got {len(texts)} prompts for {len(conts)} continuations; give one prompt or one per continuation")
@@ -105,11 +84,7 @@ def continuation_logprobs(model, tokenizer, prompts: str | Sequence[str],
     # Pad on the RIGHT here: under a causal mask, padding AFTER the text cannot change the text's positions or
     # logits, so a plain forward pass scores every row exactly as it would alone.
     batch = tokenizer.pad({"input_ids": rows}, return_tensors="pt", padding_side="right")
-    ids, mask = to_model_device(model, batch["input_ids"], batch["attention_mask"])  # (B, T) each
-    logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, vocab)
-    # position t predicts token t+1: line the log-softmax up with the token that actually came next
-    logp = logits[:, :-1].log_softmax(dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    logp = logp.cpu()
+    logp = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"]).cpu()  # (B, T-1)
     scores = []
     for b, (p_row, c_row) in enumerate(zip(prompt_rows, cont_rows)):
         start = len(p_row) - 1  # the prediction of the continuation's first token sits at the prompt's last position
@@ -132,7 +107,7 @@ def complete(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int
     # past the window GPT-2's position embedding fails with a bare IndexError; say what happened instead
     check_fits(model, ids.shape[1] + max_new_tokens, what=f"prompt ({ids.shape[1]} tokens) + max_new_tokens")
     # greedy_search checks the host tensors (no device sync), then moves them to the model's device
-    out = greedy_search(model, ids, mask, max_new_tokens=max_new_tokens)  # (B, T + new)
+    out = greedy_search(model, ids, mask, max_new_tokens=max_new_tokens).sequences  # (B, T + new)
     texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     return texts[0] if isinstance(prompts, str) else texts
 

@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,12 +26,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from course_lib.decoding.loop import no_padding_mask
+from course_lib.data import encode_stories, read_stories, split_stories
+from course_lib.decoding.steps import no_padding_mask
 from course_lib.devices import to_model_device
+from course_lib.metrics import heldout_loss
 from course_lib.models import ASSETS_DIR, EOS_TOKEN, TOKENIZER_DIR
-
-SEPARATOR = EOS_TOKEN
-HELDOUT_FRACTION = 0.05
 SHIPPED_HELDOUT_STORIES = 60  # a small slice of held-out stories ships for quality checks in the notebooks
 
 
@@ -65,36 +63,6 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
-# ----------------------------------------------------------------------------- corpus
-
-
-def read_stories(corpus: Path) -> list[str]:
-    """Split a corpus into stories at lines that hold exactly ``<|endoftext|>``."""
-    stories, current = [], []
-    for line in corpus.read_text(encoding="utf-8").splitlines():
-        if line.strip() == SEPARATOR:
-            if "".join(current).strip():
-                stories.append("\n".join(current).strip())
-            current = []
-        else:
-            current.append(line)
-    if "".join(current).strip():
-        stories.append("\n".join(current).strip())
-    if not stories:
-        raise ValueError(f"{corpus} holds no stories separated by {SEPARATOR!r} lines")
-    return stories
-
-
-def split_stories(stories: list[str], seed: int = 0) -> tuple[list[str], list[str]]:
-    """Seeded shuffle, then hold out 5 % of the stories (at least one) for validation."""
-    order = list(range(len(stories)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(stories) * HELDOUT_FRACTION))
-    val = [stories[i] for i in order[:n_val]]
-    train = [stories[i] for i in order[n_val:]]
-    return train, val
-
-
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -123,17 +91,6 @@ def train_tokenizer(stories: list[str], vocab_size: int = 4096):
     )
 
 
-def encode_stories(tokenizer, stories: list[str]) -> torch.Tensor:
-    """One long stream: story, EOS, story, EOS, ... as int64 ids."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for batch_start in range(0, len(stories), 512):
-        for row in tokenizer(stories[batch_start : batch_start + 512])["input_ids"]:
-            ids.extend(row)
-            ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
-
-
 # ----------------------------------------------------------------------------- models
 
 
@@ -157,30 +114,6 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int):
         )
         return LlamaForCausalLM(config)
     raise ValueError(f"unknown arch {cfg.arch!r}; allowed: 'gpt2', 'llama'")
-
-
-def eval_windows(ids: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-overlapping (input, target) windows over ``ids``, targets shifted by one: (N, T) each."""
-    n_windows = (len(ids) - 1) // context
-    x = ids[: n_windows * context].view(n_windows, context)  # (N, T)
-    y = ids[1 : n_windows * context + 1].view(n_windows, context)  # (N, T)
-    return x, y
-
-
-@torch.no_grad()
-def heldout_loss(model, ids: torch.Tensor, context: int = 256, batch_size: int = 16) -> tuple[float, int]:
-    """Mean next-token loss (nats/token) over non-overlapping windows of ``ids``; also the token count."""
-    ids = to_model_device(model, ids)
-    model.eval()
-    x_all, y_all = eval_windows(ids, context)  # (N, T) each
-    n_windows = len(x_all)
-    total, count = 0.0, 0
-    for i in range(0, n_windows, batch_size):
-        x, y = x_all[i : i + batch_size], y_all[i : i + batch_size]
-        logits = model(input_ids=x, attention_mask=no_padding_mask(x)).logits.float()  # (B, T, vocab)
-        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-        count += y.numel()
-    return total / count, count
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -294,7 +227,7 @@ def run(corpus: Path, preset: str, out_root: Path = ASSETS_DIR, steps: int | Non
         tokenizer = train_tokenizer(train_stories)
         tokenizer.save_pretrained(tok_dir)
         heldout = out_root / "heldout_stories.txt"
-        heldout.write_text("".join(s + f"\n{SEPARATOR}\n" for s in val_stories[:SHIPPED_HELDOUT_STORIES]))
+        heldout.write_text("".join(s + f"\n{EOS_TOKEN}\n" for s in val_stories[:SHIPPED_HELDOUT_STORIES]))
         return {"tokenizer": str(tok_dir), "vocab_size": len(tokenizer)}
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; allowed: 'tokenizer', {', '.join(map(repr, PRESETS))}")

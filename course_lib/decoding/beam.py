@@ -94,20 +94,20 @@ def keep_running(beams: Beams, scores, sequences, stops: torch.BoolTensor, K: in
 def add_finished(beams: Beams, scores, sequences, stops: torch.BoolTensor, cur_len: int, config: BeamConfig) -> None:
     """Candidates among the top K that stopped join the finished list if they beat its worst member."""
     K, new_len = config.num_beams, cur_len + 1 - config.prompt_len
-    just_finished = stops.clone()
-    just_finished[:, K:] = False  # the extra candidates are only spares for the running list
-    penalised = scores / (new_len ** config.length_penalty)  # (B, n)
     full = beams.is_finished.all(dim=-1, keepdim=True) & (config.early_stopping is True)  # (B, 1)
-    # Masking, as transformers does: nothing enters a full list (early_stopping=True), nothing enters once
-    # the prompt cannot improve, and candidates that did not stop are not finished.
-    penalised = penalised + full.float() * NEG + (~beams.improvable).float() * NEG + (~just_finished).float() * NEG
+    # As transformers decides: a candidate enters when it stopped, is among the top K (the others are only
+    # spares for the running list), its prompt can still improve, and (early_stopping=True) the list is not full.
+    in_top_k = torch.arange(stops.shape[1], device=stops.device) < K  # (n,)
+    enters = stops & in_top_k & beams.improvable & ~full  # (B, n)
+    penalised = scores / (new_len ** config.length_penalty)  # (B, n)
+    penalised = penalised.masked_fill(~enters, -float("inf"))  # below every slot, even an empty one (NEG)
 
     best = torch.topk(torch.cat([beams.finished_scores, penalised], dim=1), k=K).indices  # (B, K) of K + n
     beams.finished = gather(torch.cat([beams.finished, sequences], dim=1), best)
     beams.finished_scores = gather(torch.cat([beams.finished_scores, penalised], dim=1), best)
     new_lens = torch.full_like(stops, new_len, dtype=torch.long)
     beams.finished_len = gather(torch.cat([beams.finished_len, new_lens], dim=1), best)
-    beams.is_finished = gather(torch.cat([beams.is_finished, just_finished], dim=1), best)
+    beams.is_finished = gather(torch.cat([beams.is_finished, enters], dim=1), best)
 
 
 def update_improvable(beams: Beams, cur_len: int, config: BeamConfig) -> None:
@@ -135,14 +135,16 @@ class StepRecord:
 
 
 def beam_step(beams: Beams, log_probs: torch.Tensor, cur_len: int, config: BeamConfig, stopping) -> tuple:
-    """One step of beam search for all prompts. ``log_probs``: (B, K, V); ``stopping(ids) -> (B*n,)`` bools.
+    """One step of beam search for all prompts. ``log_probs``: (B, K, V), processed; ``stopping(ids, scores)
+    -> (B*n,)`` bools, given each candidate's ids and the processed log-probs it was chosen from.
 
     Returns the beam each new running beam extends (B, K), to reorder the KV cache with, and a
     ``StepRecord`` of this step's candidates.
     """
     B, K = log_probs.shape[:2]
     scores, sequences, parent = top_candidates(beams, log_probs, cur_len, config.candidates)
-    stops = stopping(sequences[:, :, : cur_len + 1].reshape(-1, cur_len + 1)).reshape(B, -1)  # (B, n)
+    candidate_scores = gather(log_probs, parent).flatten(0, 1)  # (B*n, V): the parent beam's log-probs
+    stops = stopping(sequences[:, :, : cur_len + 1].flatten(0, 1), candidate_scores).reshape(B, -1)  # (B, n)
     keep = keep_running(beams, scores, sequences, stops, K)  # (B, K)
     add_finished(beams, scores, sequences, stops, cur_len, config)
     beams.all_candidates_stop = bool(stops.all())  # host sync, once per step

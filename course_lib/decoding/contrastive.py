@@ -17,11 +17,10 @@ from typing import Sequence
 import torch
 
 from course_lib.checks import check, is_integer, is_number
-from course_lib.decoding.loop import (
-    Criterion, Processor, check_prompt, drop_full_mask, forward, grow, last_logits, new_cache, special_ids,
-)
-from course_lib.decoding.stopping import EosStop, MaxNewTokens, any_stop
-from course_lib.devices import to_model_device
+from course_lib.decoding.prepare import GenerateOutput, append_and_stop, grow, prepare
+from course_lib.decoding.processors import Processor, apply_processors
+from course_lib.decoding.steps import forward, last_logits, new_cache
+from course_lib.decoding.stopping import Criterion
 
 
 def degeneration_penalty(context: torch.Tensor, candidates: torch.Tensor,
@@ -54,38 +53,34 @@ def _check(penalty_alpha, top_k) -> None:
 def contrastive_search(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, *,
                        max_new_tokens: int, penalty_alpha: float = 0.6, top_k: int = 4,
                        processors: Sequence[Processor] = (), stopping: Sequence[Criterion] = (),
-                       eos_token_id=None, pad_token_id=None) -> torch.LongTensor:
+                       eos_token_id=None, pad_token_id=None) -> GenerateOutput:
     """Prompt (B, T) -> (B, T + new) by contrastive search. ``penalty_alpha=0`` (or ``top_k=1``) is greedy.
 
     Each step runs the model once on all ``top_k`` candidates of every row (k copies of the KV cache), which
     gives both their hidden states for the penalty and, for the chosen one, the next step's logits.
     """
-    eos, pad = special_ids(model, eos_token_id, pad_token_id)
-    check_prompt(model, input_ids, attention_mask, max_new_tokens, pad)
     _check(penalty_alpha, top_k)
-    padded = drop_full_mask(attention_mask) is not None  # decided where the mask arrives (no sync for a host mask)
-    input_ids, attention_mask = to_model_device(model, input_ids, attention_mask)
-    criteria = [MaxNewTokens(input_ids.shape[1], max_new_tokens), *stopping] + ([EosStop(eos)] if eos else [])
+    run = prepare(model, input_ids, attention_mask, max_new_tokens, stopping, eos_token_id, pad_token_id)
+    ids = run.input_ids
     if max_new_tokens == 0:
-        return input_ids
-    B, k = input_ids.shape[0], min(top_k, model.config.get_text_config().vocab_size)
-    rows = torch.arange(B, device=input_ids.device)
-    context_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask  # (B, T): real tokens
+        return GenerateOutput(ids)
+    B = ids.shape[0]
+    rows = torch.arange(B, device=ids.device)
+    context_mask = torch.ones_like(ids) if run.attention_mask is None else run.attention_mask  # (B, T): real tokens
     cache = new_cache(model)
-    out = forward(model, input_ids, attention_mask if padded else None, cache, output_hidden_states=True)
+    out = forward(model, ids, run.attention_mask, cache, output_hidden_states=True)
     context = out.hidden_states[-1]  # (B, T, H)
     logits = last_logits(out)  # (B, vocab)
-    unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    k = min(top_k, logits.shape[-1])
+    unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)
 
     while True:
-        scores = logits
-        for process in processors:
-            scores = process(input_ids, scores)
+        scores = apply_processors(processors, ids, logits)  # (B, vocab)
         top_probs, top_ids = torch.softmax(scores, dim=-1).topk(k, dim=-1)  # (B, k)
 
         # Look one token ahead for every candidate at once: k copies of each row's cache. The mask is always
         # passed here: a candidate may be EOS, which is also the pad id, yet it is a real token.
-        cache.batch_repeat_interleave(k)
+        cache.reorder_cache(rows.repeat_interleave(k))  # (B*k,) row b's cache k times
         context_mask = grow(context_mask)  # (B, T + 1)
         out = forward(model, top_ids.reshape(-1, 1), context_mask.repeat_interleave(k, dim=0), cache,
                       output_hidden_states=True)
@@ -93,14 +88,10 @@ def contrastive_search(model, input_ids: torch.LongTensor, attention_mask: torch
 
         penalty = degeneration_penalty(context, ahead_hidden, context_mask[:, :-1])  # (B, k)
         choice = contrastive_scores(top_probs, penalty, penalty_alpha).argmax(dim=-1)  # (B,)
-        cache.batch_select_indices(rows * k + choice)  # keep the chosen candidate's cache only
+        cache.reorder_cache(rows * k + choice)  # keep the chosen candidate's cache only
         context = torch.cat([context, ahead_hidden[rows, choice][:, None]], dim=1)  # (B, T + 1, H)
         logits = last_logits(out).reshape(B, k, -1)[rows, choice]  # (B, vocab)
 
-        next_ids = top_ids[rows, choice]  # (B,)
-        if pad is not None:
-            next_ids = torch.where(unfinished, next_ids, pad)
-        input_ids = torch.cat([input_ids, next_ids[:, None]], dim=-1)
-        unfinished &= ~any_stop(criteria, input_ids, scores)
+        ids, unfinished = append_and_stop(run, ids, top_ids[rows, choice], unfinished, scores)
         if not bool(unfinished.any()):  # one host sync per step
-            return input_ids
+            return GenerateOutput(ids)

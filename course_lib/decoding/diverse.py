@@ -14,15 +14,16 @@ the best finished hypotheses over all groups. transformers 5.x moved this to a h
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 
 from course_lib.checks import check, is_integer, is_number
 from course_lib.decoding.beam import BeamConfig, beam_step, best_hypotheses, gather, init_beams, search_done
-from course_lib.decoding.loop import Criterion, Processor, drop_full_mask
-from course_lib.decoding.search import BeamDecoder, BeamSearchOutput, check_beam_args, setup_search
-from course_lib.devices import to_model_device
+from course_lib.decoding.processors import Processor, apply_processors
+from course_lib.decoding.search import BeamDecoder, BeamSearchOutput, check_beam_args, start_search
+from course_lib.decoding.stopping import Criterion, any_stop
 
 
 def hamming_penalty(earlier_tokens: torch.LongTensor, vocab_size: int, diversity_penalty: float) -> torch.Tensor:
@@ -51,25 +52,25 @@ def diverse_beam_search(model, input_ids: torch.LongTensor, attention_mask: torc
 
     Returns the ``num_return_sequences`` best finished hypotheses over all groups, best first.
     """
-    check_beam_args(num_beams, num_return_sequences, max_new_tokens, length_penalty, early_stopping)
+    check_beam_args(num_beams, num_return_sequences, length_penalty, early_stopping)
     _check_groups(num_beams, num_beam_groups, diversity_penalty)
-    eos, fill, stop = setup_search(model, input_ids, attention_mask, max_new_tokens, stopping, eos_token_id,
-                                   pad_token_id)
-    input_ids, attention_mask = to_model_device(model, input_ids, drop_full_mask(attention_mask))
-    B, T = input_ids.shape
+    run, fill, nothing_to_do = start_search(model, input_ids, attention_mask, max_new_tokens, num_return_sequences,
+                                            stopping, eos_token_id, pad_token_id)
+    if nothing_to_do is not None:
+        return nothing_to_do
+    B, T = run.input_ids.shape
     S = num_beams // num_beam_groups  # beams per group
-    config = BeamConfig(S, T, T + max_new_tokens, float(length_penalty), early_stopping, len(eos))
-    groups = [init_beams(input_ids, config, fill) for _ in range(num_beam_groups)]
-    decoder = BeamDecoder(model, input_ids, attention_mask, num_beams)  # rows b*K + g*S + s
+    config = BeamConfig(S, T, T + max_new_tokens, float(length_penalty), early_stopping, len(run.eos))
+    groups = [init_beams(run.input_ids, config, fill) for _ in range(num_beam_groups)]
+    decoder = BeamDecoder(model, run.input_ids, run.attention_mask, num_beams)  # rows b*K + g*S + s
+    stop = functools.partial(any_stop, run.criteria)
 
     for cur_len in range(T, T + max_new_tokens):
         log_probs = torch.log_softmax(decoder.logits, dim=-1).view(B, num_beam_groups, S, -1)  # (B, G, S, V)
         parents, chosen = [], []
         for g, beams in enumerate(groups):
-            group_log_probs = log_probs[:, g].flatten(0, 1)  # (B*S, V)
-            for process in processors:
-                group_log_probs = process(beams.running[:, :, :cur_len].flatten(0, 1), group_log_probs)
-            group_log_probs = group_log_probs.view(B, S, -1)
+            running_ids = beams.running[:, :, :cur_len].flatten(0, 1)  # (B*S, cur_len)
+            group_log_probs = apply_processors(processors, running_ids, log_probs[:, g].flatten(0, 1)).view(B, S, -1)
             if chosen:  # tokens the earlier groups just picked cost extra
                 group_log_probs = group_log_probs - hamming_penalty(torch.cat(chosen, 1), group_log_probs.shape[-1],
                                                                     diversity_penalty)[:, None, :]

@@ -1,19 +1,23 @@
 """Sampling: shape the distribution with processors, then draw the next token from it.
 
-    ids = sample(model, input_ids, max_new_tokens=40, temperature=0.8, top_p=0.9, seed=0)
+    out = sample(model, input_ids, max_new_tokens=40, temperature=0.8, top_p=0.9, seed=0)
 
 gives the same tokens as ``torch.manual_seed(0); model.generate(input_ids, do_sample=True, max_new_tokens=40,
 temperature=0.8, top_p=0.9, top_k=0)``: the processors run in the order ``generate`` uses and the draw uses the
 global torch RNG exactly as ``generate`` does. Note ``top_k=0``: ``generate`` applies top_k=50 unless told otherwise,
-``sample`` applies no top-k unless asked.
+``sample`` applies no top-k unless asked. Randomness has one source in every course decoder: the global torch RNG,
+seeded by ``seed=`` when given.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from course_lib.checks import check, is_integer
-from course_lib.decoding.loop import check_prompt, generate, new_cache, prefill
+from course_lib.decoding.loop import generate
+from course_lib.decoding.prepare import GenerateOutput, check_prompt
 from course_lib.decoding.processors import (
     FrequencyPresencePenalty,
     MinP,
@@ -26,6 +30,8 @@ from course_lib.decoding.processors import (
     TypicalP,
     apply_processors,
 )
+from course_lib.decoding.steps import new_cache, prefill
+from course_lib.decoding.stopping import Criterion
 from course_lib.devices import to_model_device
 
 
@@ -64,33 +70,42 @@ def sampling_processors(input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     return processors
 
 
-def sample(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float | None = None,
-           typical_p: float = 1.0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-           frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: int | None = None,
-           stopping=(), eos_token_id=None, pad_token_id=None) -> torch.LongTensor:
-    """Sample up to ``max_new_tokens`` per row: prompt (B, T) -> (B, T + new).
-
-    ``seed`` (if given) seeds the global torch RNG first, so the same call gives the same text. EOS and pad
-    default to the model's generation config, as in ``generate``.
-    """
-    input_ids, attention_mask = to_model_device(model, input_ids, attention_mask)
-    processors = sampling_processors(
-        input_ids, attention_mask, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        typical_p=typical_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-        frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
+def seed_rng(seed: int | None) -> None:
+    """Seed the global torch RNG (the one source of randomness of every course decoder); ``None`` leaves it."""
     check("seed", seed, seed is None or is_integer(seed) and 0 <= seed < 2**64, "an integer in [0, 2**64) or None")
     if seed is not None:
         torch.manual_seed(seed)
-    return generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, processors=processors,
-                    select=sample_select, stopping=stopping, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
-def next_token_probs(model, input_ids: torch.LongTensor, processors=(), attention_mask=None) -> torch.Tensor:
+def sample(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
+           processors: Sequence[Processor] = (), temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           min_p: float | None = None, typical_p: float = 1.0, repetition_penalty: float = 1.0,
+           no_repeat_ngram_size: int = 0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+           seed: int | None = None, stopping: Sequence[Criterion] = (), eos_token_id=None,
+           pad_token_id=None) -> GenerateOutput:
+    """Sample up to ``max_new_tokens`` per row: prompt (B, T) -> (B, T + new).
+
+    The settings build ``sampling_processors``; ``processors`` run after them (your own rules). ``seed`` (if
+    given) seeds the global torch RNG first, so the same call gives the same text. EOS and pad default to the
+    model's generation config, as in ``generate``.
+    """
+    input_ids, attention_mask = to_model_device(model, input_ids, attention_mask)
+    built = sampling_processors(
+        input_ids, attention_mask, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        typical_p=typical_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+        frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
+    seed_rng(seed)
+    return generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                    processors=[*built, *processors], select=sample_select, stopping=stopping,
+                    eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+def next_token_probs(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, *,
+                     processors: Sequence[Processor] = ()) -> torch.Tensor:
     """The next-token distribution after ``processors``: (B, T) prompt -> (B, vocab) probabilities."""
     check_prompt(model, input_ids, attention_mask, max_new_tokens=0)
     input_ids, attention_mask = to_model_device(model, input_ids, attention_mask)
-    logits = prefill(model, input_ids, attention_mask, new_cache(model))  # (B, vocab)
+    logits = prefill(model, input_ids, attention_mask, cache=new_cache(model))  # (B, vocab)
     return torch.softmax(apply_processors(processors, input_ids, logits), dim=-1)
 
 

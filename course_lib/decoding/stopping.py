@@ -16,6 +16,8 @@ import torch
 
 from course_lib.checks import check, is_integer, is_number
 
+Criterion = Callable[[torch.LongTensor, torch.Tensor], torch.BoolTensor]  # (ids (B, T), scores (B, vocab)) -> (B,)
+
 
 class EosStop:
     """Done once the newest token is an end-of-sequence id (rows may finish at different steps)."""
@@ -26,7 +28,7 @@ class EosStop:
             raise ValueError("EosStop needs at least one end-of-sequence token id")
         self.eos_ids = torch.tensor(ids)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor | None = None) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.BoolTensor:
         return torch.isin(input_ids[:, -1], self.eos_ids.to(input_ids.device))  # (B,)
 
 
@@ -37,7 +39,7 @@ class MaxNewTokens:
         check("max_new_tokens", max_new_tokens, is_integer(max_new_tokens) and max_new_tokens >= 0, "an integer >= 0")
         self.max_length = prompt_len + max_new_tokens
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor | None = None) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.BoolTensor:
         done = input_ids.shape[1] >= self.max_length
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
@@ -51,7 +53,7 @@ class TimeLimit:
         self.seconds = seconds
         self.start = time.perf_counter()
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor | None = None) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.BoolTensor:
         done = time.perf_counter() - self.start > self.seconds
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
@@ -82,13 +84,12 @@ class StopStrings:
         before = len(self.tokenizer.decode(ids[:-1]))  # where the newest token's text starts
         return any(text.find(s, max(0, before - len(s) + 1)) != -1 for s in self.stop_strings)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor | None = None) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.BoolTensor:
         rows = input_ids[:, -self.window:].tolist()
         return torch.tensor([self._row_done(r) for r in rows], dtype=torch.bool, device=input_ids.device)
 
 
-def any_stop(criteria: Sequence[Callable], input_ids: torch.LongTensor,
-             scores: torch.Tensor | None) -> torch.BoolTensor:
+def any_stop(criteria: Sequence[Criterion], input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.BoolTensor:
     """OR of all criteria: (B,) True where some criterion says the row is done."""
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for criterion in criteria:
