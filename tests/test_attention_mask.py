@@ -13,8 +13,9 @@ import torch
 from course_lib.decoding import beam_search, contrastive_search, diverse_beam_search, greedy_search, sample
 from course_lib.decoding.sampling import next_token_probs
 from course_lib.ensembles import Ensemble
-from course_lib.speculative import speculative_generate
-from course_lib.train import heldout_loss, make_optimizer, train_step
+from course_lib.decoding.speculative import speculative_generate
+from course_lib.metrics import heldout_loss
+from course_lib.train import make_optimizer, train_step
 from tiny_models import make_tiny_model
 
 BOS_PROMPT = torch.tensor([[0, 5, 17, 42, 8]])  # starts with BOS = EOS = pad = 0

@@ -25,12 +25,10 @@ from typing import Callable
 import pytest
 import torch
 from torch import nn
-from transformers import DynamicCache
-
 import course_lib
-from course_lib import ensembles, finetune, kv_cache, metrics, minigpt, optimize, parallel, prompting
-from course_lib import speculative, train, widgets
-from course_lib.decoding import contrastive, diverse, loop, sampling, search
+from course_lib import batching, ensembles, finetune, measure, metrics, minigpt, prefix_cache, prompting, train
+from course_lib import widgets
+from course_lib.decoding import contrastive, diverse, fast, loop, sampling, search, speculative, steps
 from course_lib.decoding.processors import RepetitionPenalty
 from course_lib.models import load_tokenizer
 from tiny_models import make_tiny_model
@@ -114,16 +112,29 @@ GENERATE_VALIDATES = ("generate validates the token values (a host sync) on the 
 
 def _prefix_cache(s):
     """A non-empty MiniGPT prefix cache (built on the CPU; the run stops before it is read)."""
-    return parallel.build_prefix_cache(minigpt.MiniGPT(MINI_CONFIG), s.ids[:1])
+    return prefix_cache.build_prefix_cache(minigpt.MiniGPT(MINI_CONFIG), s.ids[:1])
+
+
+def decoder_cases(model: str, models) -> dict[str, Case]:
+    """The same decode stack on a transformers model ("model") and on MiniGPT ("mini")."""
+    m = lambda s: getattr(s, model)  # noqa: E731
+    return {
+        "decoding.steps.forward": Case(lambda s: steps.forward(m(s), s.ids, s.mask, steps.new_cache(m(s))), models),
+        "decoding.steps.prefill": Case(
+            lambda s: steps.prefill(m(s), s.ids, s.mask, cache=steps.new_cache(m(s))), models),
+        "decoding.steps.decode_step": Case(
+            lambda s: steps.decode_step(m(s), s.ids[:, -1:], s.mask[:, -1:], cache=steps.new_cache(m(s))), models),
+        "decoding.loop.generate": Case(lambda s: loop.generate(m(s), s.ids, s.mask, max_new_tokens=3), models),
+        "decoding.fast.greedy_no_sync": Case(
+            lambda s: fast.greedy_no_sync(m(s), s.ids, s.mask, max_new_tokens=3), models),
+        "decoding.fast.greedy_without_cache": Case(
+            lambda s: fast.greedy_without_cache(m(s), s.ids, s.mask, max_new_tokens=3), models),
+    }
 
 
 CASES: dict[str, Case] = {
-    # decoding
-    "decoding.loop.forward": Case(lambda s: loop.forward(s.model, s.ids, s.mask, loop.new_cache(s.model))),
-    "decoding.loop.prefill": Case(lambda s: loop.prefill(s.model, s.ids, s.mask, loop.new_cache(s.model))),
-    "decoding.loop.decode_step": Case(
-        lambda s: loop.decode_step(s.model, s.ids[:, -1:], s.mask[:, -1:], loop.new_cache(s.model))),
-    "decoding.loop.generate": Case(lambda s: loop.generate(s.model, s.ids, s.mask, max_new_tokens=3)),
+    # decoding, on a transformers model (the MiniGPT run of the same stack is test_minigpt_runs_the_same_stack)
+    **decoder_cases("model", lambda s: [s.model]),
     "decoding.search.greedy_search": Case(lambda s: search.greedy_search(s.model, s.ids, s.mask, max_new_tokens=3)),
     "decoding.search.beam_search": Case(
         lambda s: search.beam_search(s.model, s.ids, s.mask, num_beams=2, max_new_tokens=3)),
@@ -137,25 +148,31 @@ CASES: dict[str, Case] = {
         stop_at=lambda s: (sampling, "generate"),
         why="sample moves its inputs first (its repetition penalty reads the mask), then " + GENERATE_VALIDATES),
     "decoding.sampling.next_token_probs": Case(
-        lambda s: sampling.next_token_probs(s.model, s.ids, [RepetitionPenalty(1.2)], s.mask)),
+        lambda s: sampling.next_token_probs(s.model, s.ids, s.mask, processors=[RepetitionPenalty(1.2)])),
+    # speculative decoding: the inputs follow the target, and reach the draft on its device
+    "decoding.speculative.speculative_generate": Case(
+        lambda s: speculative.speculative_generate(s.model, s.ids[1:], draft=s.draft, max_new_tokens=3),
+        models=both_models),
+    "decoding.speculative.Scorer": Case(
+        lambda s: speculative.Scorer(s.draft, None, 4).scores(s.ids[1:], 1, ()), models=lambda s: [s.draft]),
     # ensembles: the inputs follow member 0
     "ensembles.Ensemble.member_log_probs": Case(
         lambda s: ensembles.Ensemble([s.model, s.draft]).member_log_probs(s.ids, s.mask), models=both_models),
     "ensembles.Ensemble.forward": Case(
         lambda s: ensembles.Ensemble([s.model, s.draft])(input_ids=s.ids, attention_mask=s.mask), models=both_models),
-    # speculative decoding: the inputs follow the target (the draft shares its device)
-    "speculative.speculative_generate": Case(
-        lambda s: speculative.speculative_generate(s.model, s.draft, s.ids[1:], max_new_tokens=3), models=both_models),
-    "speculative.propose": Case(
-        lambda s: speculative.propose(s.draft, s.ids[1:], DynamicCache(config=s.draft.config), 2, 0.0),
-        models=lambda s: [s.draft]),
-    # optimization
-    "optimize.report": Case(
-        lambda s: optimize.report({"base": s.model}, s.stream, s.ids[1:], max_new_tokens=2, repeats=1, context=8),
+    # measuring
+    "measure.report": Case(
+        lambda s: measure.report({"base": s.model}, s.stream, s.ids[1:], max_new_tokens=2, repeats=1, context=8),
         stop_at=lambda s: (s.model, "generate"),
         why="report times transformers' own model.generate, which syncs on the model's device before its first "
             "forward (_prepare_special_tokens): meta tensors cannot, so check what report hands to generate"),
-    "optimize.repeatable_decode_step": Case(lambda s: optimize.repeatable_decode_step(s.model, s.ids[1:])),
+    "measure.repeatable_decode_step": Case(lambda s: measure.repeatable_decode_step(s.model, s.ids[1:])),
+    "measure.cost_per_token": Case(lambda s: measure.cost_per_token(s.mini, s.ids[:1], [2], repeats=1), the_mini),
+    "measure.throughput_by_batch": Case(
+        lambda s: measure.throughput_by_batch(s.mini, s.ids, [1, 2], 3, 1), the_mini,
+        stop_at=lambda s: (measure, "greedy_no_sync"),
+        why="the ids are moved once, outside the timed calls; then each timed run validates the token values "
+            "(a host sync) on the moved tensors, and meta tensors cannot be read: check the hand-off"),
     # prompting: tokens built from text
     "prompting.next_token_distribution": Case(
         lambda s: prompting.next_token_distribution(s.model, s.tokenizer, ["Once upon a time", "A dog"])),
@@ -170,46 +187,36 @@ CASES: dict[str, Case] = {
         stop_at=lambda s: (sampling, "generate"),
         why="the playground samples through sample(), whose tokens are already moved when " + GENERATE_VALIDATES),
     # training, fine-tuning, metrics
-    "train.heldout_loss": Case(lambda s: train.heldout_loss(s.model, s.stream, context=8)),
+    "metrics.heldout_loss": Case(lambda s: metrics.heldout_loss(s.model, s.stream, context=8)),
+    "metrics.next_token_logprobs": Case(lambda s: metrics.next_token_logprobs(s.model, s.ids, s.mask)),
+    "metrics.perplexity": Case(lambda s: metrics.perplexity(s.model, s.ids[1])),
     # bf16=False: torch.autocast knows no meta device type; the bf16 path differs only by that context
     "train.train_step": Case(lambda s: train.train_step(
         s.model, train.make_optimizer(s.model, 1e-3, 0.0), s.ids, s.ids, lr=1e-3, bf16=False)),
     "finetune.finetune": Case(
         lambda s: finetune.finetune(s.model, s.stream, finetune.finetune_config(steps=1, context=8, batch_size=2))),
-    "metrics.perplexity": Case(lambda s: metrics.perplexity(s.model, s.ids[1])),
-    # MiniGPT, its KV caches and serving
-    "minigpt.prefill": Case(lambda s: minigpt.prefill(s.mini, s.ids, minigpt.new_cache(s.mini), s.mask), the_mini),
-    "minigpt.decode_step": Case(
-        lambda s: minigpt.decode_step(s.mini, s.ids[:, -1:], minigpt.new_cache(s.mini), s.mask[:, -1:]), the_mini),
-    "minigpt.generate": Case(lambda s: minigpt.generate(s.mini, s.ids, 3, cache="static", attention_mask=s.mask),
-                             the_mini),
-    "parallel.generate_batch": Case(
-        lambda s: parallel.generate_batch(s.mini, s.tokenizer, ["Once upon a time", "A dog"], 3), the_mini),
-    "parallel.throughput_by_batch": Case(
-        lambda s: parallel.throughput_by_batch(s.mini, s.ids, [1, 2], 3, 1), the_mini,
-        stop_at=lambda s: (parallel, "generate"),
-        why="the ids are moved once, outside the timed calls; then each timed generate validates the token values "
-            "(a host sync) on the moved tensors, and meta tensors cannot be read: check the hand-off"),
-    "parallel.build_prefix_cache": Case(lambda s: parallel.build_prefix_cache(s.mini, s.ids[:1]), the_mini),
-    "parallel.first_token_with_prefix_cache": Case(
-        lambda s: parallel.first_token_with_prefix_cache(s.mini, minigpt.new_cache(s.mini), s.ids[:1]), the_mini),
-    "parallel.first_token_without_prefix_cache": Case(
-        lambda s: parallel.first_token_without_prefix_cache(s.mini, s.ids[:1, :2], s.ids[:1, 2:]), the_mini),
-    "parallel.generate_from_prefix": Case(
-        lambda s: parallel.generate_from_prefix(s.mini, _prefix_cache(s), s.ids[:1], 3), the_mini),
-    "kv_cache.cost_per_token": Case(lambda s: kv_cache.cost_per_token(s.mini, s.ids[:1], [2], repeats=1), the_mini),
+    # serving many prompts on MiniGPT
+    "batching.generate_batch": Case(
+        lambda s: batching.generate_batch(s.mini, s.tokenizer, ["Once upon a time", "A dog"], 3), the_mini),
+    "prefix_cache.build_prefix_cache": Case(lambda s: prefix_cache.build_prefix_cache(s.mini, s.ids[:1]), the_mini),
+    "prefix_cache.first_token_with_prefix_cache": Case(
+        lambda s: prefix_cache.first_token_with_prefix_cache(s.mini, steps.new_cache(s.mini), s.ids[:1]), the_mini),
+    "prefix_cache.first_token_without_prefix_cache": Case(
+        lambda s: prefix_cache.first_token_without_prefix_cache(s.mini, s.ids[:1, :2], s.ids[:1, 2:]), the_mini),
+    "prefix_cache.generate_from_prefix": Case(
+        lambda s: prefix_cache.generate_from_prefix(s.mini, _prefix_cache(s), s.ids[:1], 3), the_mini),
 }
 
 # Public callables that take a model but no token tensors, or that are exempt from the rule, and why.
 NOT_ENTRY_POINTS: dict[str, str] = {
     "devices.model_device": "the rule's own helper",
     "devices.to_model_device": "the rule's own helper",
-    "decoding.loop.new_cache": "no tokens: an empty cache sized from the config",
-    "decoding.loop.special_ids": "no tokens: EOS and pad ids from the generation config",
-    "decoding.loop.check_prompt": "validation: reads the tokens where they arrive, before the move (no device sync "
-                                  "for host tokens)",
-    "decoding.search.setup_search": "validation and the stopping rule: reads the tokens where they arrive, runs no "
-                                    "model, returns no tensor",
+    "decoding.steps.new_cache": "no tokens: an empty cache sized from the config",
+    "decoding.prepare.special_ids": "no tokens: EOS and pad ids from the generation config",
+    "decoding.prepare.check_prompt": "validation: reads the tokens where they arrive, before the move (no device "
+                                     "sync for host tokens)",
+    "decoding.prepare.prepare": "validation, then the move: every decoder case above goes through it",
+    "decoding.search.start_search": "prepare plus the fill id of ended hypotheses: the beam searches are cases",
     "models.check_token_ids": "validation: reads the tokens where they arrive, before the move",
     "models.context_window": "no tokens: a number from the config",
     "models.check_fits": "no tokens: a token count",
@@ -218,22 +225,32 @@ NOT_ENTRY_POINTS: dict[str, str] = {
     "finetune.add_lora": "no tokens: rewires layers",
     "finetune.merge_lora": "no tokens: rewires layers",
     "finetune.parameter_counts": "no tokens: counts parameters",
-    "minigpt.new_cache": "no tokens: an empty cache (the static one on the model's device: tested below)",
     "minigpt.MiniGPT.forward": "a model's own forward: like every torch module it expects its inputs on its device, "
-                               "and stays free of device look-ups so torch.compile traces it cleanly; prefill, "
-                               "decode_step and generate move the tokens before calling it",
-    "optimize.QuantizedEmbedding.forward": "a layer inside a model, like nn.Embedding: the caller moves the ids",
-    "optimize.with_precision": "no tokens: copies the weights",
-    "optimize.quantize": "no tokens: copies the weights",
-    "optimize.transformer_blocks": "no tokens: finds layers",
-    "optimize.magnitude_prune": "no tokens: copies the weights",
-    "optimize.weight_sparsity": "no tokens: counts zeros",
-    "optimize.drop_layers": "no tokens: copies the model",
-    "optimize.compile_model": "no tokens: the warm-up callable brings its own",
+                               "and stays free of device look-ups so torch.compile traces it cleanly; the decoding "
+                               "steps move the tokens before calling it (test_minigpt_runs_the_same_stack)",
+    "quantize.QuantizedEmbedding.forward": "a layer inside a model, like nn.Embedding: the caller moves the ids",
+    "quantize.with_precision": "no tokens: copies the weights",
+    "quantize.quantize": "no tokens: copies the weights",
+    "prune.transformer_blocks": "no tokens: finds layers",
+    "prune.magnitude_prune": "no tokens: copies the weights",
+    "prune.weight_sparsity": "no tokens: counts zeros",
+    "prune.drop_layers": "no tokens: copies the model",
+    "measure.compile_model": "no tokens: the warm-up callable brings its own",
     "timing.compare": "its variants are callables that bring their own tensors, not models",
     "timing.weight_bytes": "no tokens: counts bytes",
     "train.make_optimizer": "no tokens: groups parameters",
 }
+
+
+@pytest.mark.parametrize("name", sorted(decoder_cases("mini", the_mini)))
+def test_minigpt_runs_the_same_stack(name, setup, monkeypatch):
+    """The decoding steps and loops move the tokens for the from-scratch model exactly as for transformers'."""
+    case = decoder_cases("mini", the_mini)[name]
+    stop_at_forward(setup.mini)
+    if case.stop_at is not None:
+        monkeypatch.setattr(*case.stop_at(setup), check_and_stop(f"{name} -> hand-off"))
+    with pytest.raises(ReachedForward):
+        case.call(setup)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -256,15 +273,16 @@ def test_a_forgotten_move_fails_the_check(setup):
         setup.model(input_ids=setup.ids)
 
 
-@pytest.mark.parametrize("decode", [loop.generate, search.greedy_search, contrastive.contrastive_search])
+@pytest.mark.parametrize("decode", [loop.generate, search.greedy_search, contrastive.contrastive_search,
+                                    fast.greedy_no_sync, fast.greedy_without_cache])
 def test_results_come_back_on_the_model_device_without_a_forward(decode, setup):
     """Nothing to generate: the prompt itself is returned, already on the model's device."""
-    out = decode(setup.model, setup.ids, setup.mask, max_new_tokens=0)
+    out = decode(setup.model, setup.ids, setup.mask, max_new_tokens=0).sequences
     assert out.device == META and out.shape == setup.ids.shape
 
 
 def test_static_cache_lives_on_the_model_device(setup):
-    cache = minigpt.new_cache(setup.mini, "static", batch=2, max_len=8)
+    cache = steps.new_cache(setup.mini, "static", batch=2, max_len=8)
     assert cache.keys.device == cache.values.device == META
 
 

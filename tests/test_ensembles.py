@@ -6,10 +6,11 @@ import torch
 from tiny_models import make_tiny_model
 
 from course_lib.decoding import generate
-from course_lib.ensembles import (Ensemble, VocabularyMismatchError, check_same_tokenizer, combine_log_probs, nll,
-                                  weight_sweep)
+from course_lib.ensembles import Ensemble, VocabularyMismatchError, check_same_tokenizer, combine_log_probs, weight_sweep
+from course_lib.metrics import nll
 from course_lib.models import load_tokenizer
-from course_lib.train import heldout_loss, train_tokenizer
+from course_lib.metrics import heldout_loss
+from course_lib.train import train_tokenizer
 
 X = torch.randint(1, 97, (2, 10), generator=torch.Generator().manual_seed(0))  # (B, T)
 

@@ -8,9 +8,9 @@ import torch
 from tiny_models import make_tiny_model
 from transformers.pytorch_utils import Conv1D
 
-from course_lib.finetune import (LoRALinear, add_lora, finetune, finetune_config, merge_lora, parameter_counts,
-                                 themed_stories)
-from course_lib.models import heldout_stories
+from course_lib.data import themed_stories
+from course_lib.finetune import LoRALinear, add_lora, finetune, finetune_config, merge_lora, parameter_counts
+from course_lib.data import heldout_stories
 
 X = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(0))  # (B, T)
 

@@ -16,13 +16,12 @@ from course_lib.checks import check, is_integer, is_number
 from course_lib.decoding import (
     FrequencyPresencePenalty, MinP, NoRepeatNGram, RepetitionPenalty, StopStrings, Temperature, TimeLimit, TopK,
     TopP, TypicalP, beam_search, contrastive_search, diverse_beam_search, generate, greedy_search,
-    next_token_probs, sample,
+    greedy_no_sync, next_token_probs, sample,
 )
 from course_lib.minigpt import MiniGPT
-from course_lib.minigpt import generate as mini_generate
 from course_lib.models import (ASSETS_DIR, ContextLengthError, NotAModelError, WeightsMismatchError, context_window,
                                load_model, load_tokenizer)
-from course_lib.speculative import expected_speedup, speculative_generate
+from course_lib.decoding.speculative import expected_speedup, speculative_generate
 from course_lib.timing import benchmark, compare
 from tiny_models import make_tiny_model
 
@@ -31,7 +30,7 @@ CONTEXT = 128  # the tiny models' context window
 VOCAB = 97  # the tiny models' vocabulary
 
 # Every decoder as f(model, input_ids, attention_mask, max_new_tokens); speculative decoding drafts with the
-# target itself and takes no mask (batch size 1).
+# target itself (one sequence at a time).
 DECODERS = {
     "generate": lambda m, ids, mask, n: generate(m, ids, mask, max_new_tokens=n),
     "greedy_search": lambda m, ids, mask, n: greedy_search(m, ids, mask, max_new_tokens=n),
@@ -40,7 +39,7 @@ DECODERS = {
     "diverse_beam_search": lambda m, ids, mask, n: diverse_beam_search(
         m, ids, mask, num_beams=2, num_beam_groups=2, diversity_penalty=1.0, max_new_tokens=n),
     "contrastive_search": lambda m, ids, mask, n: contrastive_search(m, ids, mask, max_new_tokens=n),
-    "speculative_generate": lambda m, ids, mask, n: speculative_generate(m, m, ids, n),
+    "speculative_generate": lambda m, ids, mask, n: speculative_generate(m, ids, mask, draft=m, max_new_tokens=n),
 }
 BATCH_DECODERS = [name for name in DECODERS if name != "speculative_generate"]
 
@@ -72,22 +71,22 @@ def test_every_decoder_refuses_a_prompt_plus_new_tokens_past_the_context(tiny_mo
 @pytest.mark.parametrize("decoder", ["greedy_search", "beam_search", "speculative_generate"])
 def test_a_prompt_that_exactly_fills_the_context_runs(tiny_model, decoder):
     out = DECODERS[decoder](tiny_model, prompt(120), None, 8)
-    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    sequences = out.sequences
     assert sequences.shape[1] <= CONTEXT and torch.equal(sequences[:, :120], prompt(120))
 
 
-def test_minigpt_generate_refuses_past_the_context(mini):
-    with pytest.raises(ContextLengthError, match=rf"0 cached \+ 120 prompt tokens \+ max_new_tokens needs 129 "
+def test_the_no_sync_loop_refuses_past_the_context(mini):
+    with pytest.raises(ContextLengthError, match=rf"prompt \(120 tokens\) \+ max_new_tokens needs 129 "
                                                  rf"tokens but MiniGPT has a context window of {CONTEXT}"):
-        mini_generate(mini, prompt(120), 9)
-    assert mini_generate(mini, prompt(120), 8).shape == (1, CONTEXT)
+        greedy_no_sync(mini, prompt(120), max_new_tokens=9)
+    assert greedy_no_sync(mini, prompt(120), max_new_tokens=8).sequences.shape == (1, CONTEXT)
 
 
 def test_speculative_checks_the_drafts_context_too(tiny_gpt2):
     torch.manual_seed(0)
     short_draft = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=16, n_layer=1, n_head=2, vocab_size=VOCAB)).eval()
     with pytest.raises(ContextLengthError, match="context window of 64"):
-        speculative_generate(tiny_gpt2, short_draft, prompt(60), 5)
+        speculative_generate(tiny_gpt2, prompt(60), draft=short_draft, max_new_tokens=5)
 
 
 def test_context_window_reads_each_architectures_config(storyteller, llama_model):
@@ -115,7 +114,7 @@ def test_every_decoder_refuses_ids_the_embedding_cannot_look_up(tiny_gpt2, decod
 @pytest.mark.parametrize("ids", [torch.tensor([[5, VOCAB]]), torch.tensor([[5.0, 6.0]])])
 def test_minigpt_and_next_token_probs_refuse_bad_ids(mini, tiny_gpt2, ids):
     with pytest.raises(ValueError, match="input_ids"):
-        mini_generate(mini, ids, 2)
+        greedy_no_sync(mini, ids, max_new_tokens=2)
     with pytest.raises(ValueError, match="input_ids"):
         next_token_probs(tiny_gpt2, ids)
 
@@ -182,8 +181,8 @@ def test_rows_that_all_start_with_bos_are_let_through(tiny_gpt2):
     id 0, so every row starting with it cannot be told from padding, and a single row proves nothing."""
     ids = prompt(5, batch=2)
     ids[:, 0] = 0
-    assert greedy_search(tiny_gpt2, ids, max_new_tokens=2, eos_token_id=[]).shape == (2, 7)
-    assert greedy_search(tiny_gpt2, ids[:1], max_new_tokens=2, eos_token_id=[]).shape == (1, 7)
+    assert greedy_search(tiny_gpt2, ids, max_new_tokens=2, eos_token_id=[]).sequences.shape == (2, 7)
+    assert greedy_search(tiny_gpt2, ids[:1], max_new_tokens=2, eos_token_id=[]).sequences.shape == (1, 7)
 
 
 # ----------------------------------------------------------------------------- 4. model folders
@@ -278,8 +277,9 @@ BAD_SETTINGS = [
                                      diversity_penalty=float("nan"), max_new_tokens=2), "diversity_penalty=nan"),
     (lambda tok: contrastive_search(tiny(), prompt(3), max_new_tokens=2, penalty_alpha=float("nan")),
      "penalty_alpha=nan"),
-    (lambda tok: speculative_generate(tiny(), tiny(), prompt(3), 2, temperature="x"), "temperature='x' is not allowed"),
-    (lambda tok: speculative_generate(tiny(), tiny(), prompt(3), 2, k=2.0), "k=2.0 is not allowed"),
+    (lambda tok: speculative_generate(tiny(), prompt(3), draft=tiny(), max_new_tokens=2, seed="x"),
+     "seed='x' is not allowed"),
+    (lambda tok: speculative_generate(tiny(), prompt(3), draft=tiny(), max_new_tokens=2, k=2.0), "k=2.0 is not allowed"),
     (lambda tok: expected_speedup(0.5, 4, float("nan")), "c=nan is not allowed"),
     (lambda tok: benchmark(lambda: None, new_tokens=-5), "new_tokens=-5 is not allowed; new_tokens must be an integer >= 0"),
     (lambda tok: benchmark(lambda: None, repeats=2.5), "repeats=2.5 is not allowed; repeats must be an integer >= 1"),

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from course_lib.decoding.loop import generate
+from course_lib.decoding import generate
 from course_lib.metrics import distinct_n, ngrams, perplexity, repetition_rate
-from course_lib.train import heldout_loss
+from course_lib.metrics import heldout_loss
 
 
 def test_ngrams_of_words_ids_and_tensors():

@@ -5,9 +5,11 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-from course_lib.models import (BUNDLED_MODELS, HubUnreachableError, bundled_path, NotAModelError, UnknownModelError, heldout_stories,
+from course_lib.data import heldout_stories
+from course_lib.models import (BUNDLED_MODELS, HubUnreachableError, bundled_path, NotAModelError, UnknownModelError,
                                load_model, load_tokenizer, model_card, resolve_dtype)
-from course_lib.train import encode_stories, heldout_loss
+from course_lib.data import encode_stories
+from course_lib.metrics import heldout_loss
 
 
 def test_storyteller_loads_ready_for_generation(storyteller):

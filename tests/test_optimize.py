@@ -10,13 +10,15 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from tiny_models import make_tiny_model
-from course_lib.models import heldout_stories, load_model
-from course_lib.optimize import (QuantizedLinear, compile_model, decode_time_breakdown, dequantize_rows,
-                                 drop_layers, magnitude_prune, pack_int4, quantize, quantize_rows,
-                                 repeatable_decode_step, report,
-                                 transformer_blocks, unpack_int4, weight_sparsity, with_precision)
+from course_lib.data import heldout_stories
+from course_lib.models import load_model
+from course_lib.measure import compile_model, decode_time_breakdown, repeatable_decode_step, report
+from course_lib.prune import drop_layers, magnitude_prune, transformer_blocks, weight_sparsity
+from course_lib.quantize import (QuantizedLinear, dequantize_rows, pack_int4, quantize, quantize_rows, unpack_int4,
+                                 with_precision)
 from course_lib.timing import weight_bytes
-from course_lib.train import encode_stories, heldout_loss
+from course_lib.data import encode_stories
+from course_lib.metrics import heldout_loss
 
 IDS = torch.randint(1, 97, (2, 24), generator=torch.Generator().manual_seed(0))
 

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from tiny_models import make_tiny_model
-from course_lib.minigpt import MiniGPT, generate, new_cache
-from course_lib.models import load_tokenizer
-from course_lib.parallel import (NotEnoughGPUsError, build_prefix_cache, completions, encode_batch,
-                                 first_token_with_prefix_cache, first_token_without_prefix_cache,
-                                 generate_batch, generate_from_prefix, load_across_gpus, main, shard, unshard)
+from course_lib.batching import completions, generate_batch
+from course_lib.decoding import greedy_no_sync, new_cache
+from course_lib.minigpt import MiniGPT
+from course_lib.models import NotEnoughGPUsError, load_across_gpus, load_tokenizer
+from course_lib.prefix_cache import (build_prefix_cache, first_token_with_prefix_cache,
+                                     first_token_without_prefix_cache, generate_from_prefix)
+from course_lib.torchrun import main, shard, unshard
 
 PROMPTS = ["Once upon a time", "The dog ran to the big red ball and", "Tom was sad", "A little bird sang every day"]
 
@@ -60,13 +62,24 @@ def test_prefix_cache_reuse_gives_uncached_tokens(tiny):
     cache = build_prefix_cache(model, prefix)
     for text in [" She liked", " One day she went"]:
         suffix = tokenizer([text], return_tensors="pt").input_ids
-        reused = generate_from_prefix(model, cache, suffix, 8)
-        full = generate(model, torch.cat([prefix, suffix], dim=1), 8)
+        reused = generate_from_prefix(model, cache, suffix, 8).sequences
+        full = greedy_no_sync(model, torch.cat([prefix, suffix], dim=1), max_new_tokens=8).sequences
         assert torch.equal(reused, full[:, prefix.shape[1] :])
         assert torch.equal(first_token_with_prefix_cache(model, cache, suffix),
                            first_token_without_prefix_cache(model, prefix, suffix))
         assert torch.equal(first_token_with_prefix_cache(model, cache, suffix), reused[:, suffix.shape[1]])
-    assert cache.length == prefix.shape[1]  # the shared prefix cache is never written to
+    assert cache.get_seq_length() == prefix.shape[1]  # the shared prefix cache is never written to
+
+
+def test_prefix_cache_works_for_transformers_models_too(storyteller):
+    hf, tokenizer = storyteller
+    prefix = tokenizer(["Once upon a time there was a girl named Lily."], return_tensors="pt").input_ids
+    suffix = tokenizer([" She liked"], return_tensors="pt").input_ids
+    cache = build_prefix_cache(hf, prefix)
+    reused = generate_from_prefix(hf, cache, suffix, 6).sequences
+    full = hf.generate(torch.cat([prefix, suffix], dim=1), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(reused, full[:, prefix.shape[1] :])
+    assert cache.get_seq_length() == prefix.shape[1]
 
 
 def test_shard_and_unshard_round_trip():
@@ -84,7 +97,7 @@ def test_torchrun_two_processes_gather_single_process_results(tiny, tiny_folder,
     prompt_args = [arg for p in PROMPTS + ["The end"] for arg in ("--prompt", p)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "course_lib.parallel", "--model", str(tiny_folder), "--max-new-tokens", "6",
+                          "-m", "course_lib.torchrun", "--model", str(tiny_folder), "--max-new-tokens", "6",
                           "--out", str(out), *prompt_args], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "rank 0/2" in run.stdout and "rank 1/2" in run.stdout
@@ -98,12 +111,10 @@ def test_torchrun_two_processes_gather_single_process_results(tiny, tiny_folder,
 
 def test_bad_input_is_refused(tiny):
     model, tokenizer = tiny
-    with pytest.raises(ValueError, match="non-empty list"):
-        encode_batch(tokenizer, "Once upon a time")
-    with pytest.raises(ValueError, match="non-empty list"):
+    with pytest.raises(ValueError, match="prompts must be a string or a non-empty list"):
         generate_batch(model, tokenizer, [], 4)
-    with pytest.raises(ValueError, match="non-empty string"):
-        encode_batch(tokenizer, ["ok", ""])
+    with pytest.raises(ValueError, match="prompts must be a string or a non-empty list"):
+        generate_batch(model, tokenizer, ["ok", 3], 4)
     with pytest.raises(ValueError, match="batch_size"):
         generate_batch(model, tokenizer, PROMPTS, 4, batch_size=0)
     with pytest.raises(ValueError, match="rank"):

@@ -6,8 +6,10 @@ import torch
 from tiny_models import make_tiny_model
 
 from course_lib.models import load_tokenizer
-from course_lib.prompting import (ContextLengthError, complete, context_window, continuation_logprob,
-                                  continuation_logprobs, encode_prompt, few_shot_prompt, next_token_distribution)
+from course_lib.data import encode_prompt
+from course_lib.models import ContextLengthError, context_window
+from course_lib.prompting import (complete, continuation_logprob, continuation_logprobs, few_shot_prompt,
+                                  next_token_distribution)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from course_lib.decoding.loop import generate
+from course_lib.decoding import generate
 from course_lib.decoding.processors import TopK
 from course_lib.decoding.sampling import KeptCounter, next_token_probs, sample, sample_select, sampling_processors
 

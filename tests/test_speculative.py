@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from tiny_models import make_tiny_model
+from course_lib.decoding import RepetitionPenalty, StopStrings, Temperature, TopK, greedy_search
+from course_lib.decoding.speculative import (accept_greedy, accept_sampling, expected_speedup,
+                                             expected_tokens_per_step, speculative_generate)
 from course_lib.models import load_model
-from course_lib.speculative import (accept_greedy, accept_sampling, expected_speedup, expected_tokens_per_step,
-                                    speculative_generate)
 
 PROMPT = torch.tensor([[5, 17, 33, 2, 60, 61]])
 
@@ -41,12 +42,32 @@ def test_greedy_is_identical_to_target_alone(target, k, draft_kind):
     draft = {"noisy": lambda: noisy_copy(target, 0.3), "unrelated": lambda: make_tiny_model("llama", seed=7),
              "gpt2": lambda: make_tiny_model("gpt2"), "itself": lambda: target}[draft_kind]()
     expected = target_greedy(target, PROMPT, 30, eos_token_id=None)
-    out = speculative_generate(target, draft, PROMPT, max_new_tokens=30, k=k)
+    out = speculative_generate(target, PROMPT, draft=draft, k=k, max_new_tokens=30, eos_token_id=[])
     assert torch.equal(out.sequences, expected)
 
 
+def spec(target, draft, n, k, **kw):
+    return speculative_generate(target, PROMPT, draft=draft, k=k, max_new_tokens=n, eos_token_id=[], **kw)
+
+
+def test_greedy_with_processors_and_a_padded_prompt_equals_greedy_search(target):
+    processors = [RepetitionPenalty(1.5), TopK(3)]
+    draft = noisy_copy(target, 0.3)
+    expected = greedy_search(target, PROMPT, max_new_tokens=20, processors=processors, eos_token_id=[]).sequences
+    assert torch.equal(spec(target, draft, 20, 3, processors=processors).sequences, expected)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), PROMPT], dim=1)  # (1, 3 + T): left padding
+    mask = (torch.arange(padded.shape[1]) >= 3).long()[None]
+    out = speculative_generate(target, padded, mask, draft=draft, k=3, max_new_tokens=20, eos_token_id=[])
+    assert torch.equal(out.sequences[:, 3:], spec(target, draft, 20, 3).sequences)
+
+
+def test_nothing_to_generate_returns_the_prompt(target):
+    out = spec(target, target, 0, 3)
+    assert torch.equal(out.sequences, PROMPT) and out.target_calls == 0 and out.new_tokens == 0
+
+
 def test_noisy_draft_exercises_rejection_and_acceptance(target):
-    out = speculative_generate(target, noisy_copy(target, 0.3), PROMPT, max_new_tokens=30, k=3)
+    out = spec(target, noisy_copy(target, 0.3), 30, 3)
     assert 0.0 < out.acceptance_rate < 1.0  # both the accept path and the crop-after-reject path ran
     assert out.acceptance_rate == out.accepted / (out.accepted + out.rejected)
     # unjudged guesses after a rejection count as proposed, not as judged
@@ -55,7 +76,7 @@ def test_noisy_draft_exercises_rejection_and_acceptance(target):
 
 @pytest.mark.parametrize("k", [2, 4])
 def test_bookkeeping_with_a_perfect_draft(target, k):
-    out = speculative_generate(target, target, PROMPT, max_new_tokens=30, k=k)
+    out = spec(target, target, 30, k)
     assert out.acceptance_rate == 1.0 == out.kept_fraction and out.accepted == out.proposed
     assert out.rejected == 0
     assert out.target_calls == math.ceil(30 / (k + 1))  # every call yields k accepted + 1 bonus token
@@ -63,7 +84,7 @@ def test_bookkeeping_with_a_perfect_draft(target, k):
 
 
 def test_every_target_call_emits_accepted_plus_one(target):
-    out = speculative_generate(target, noisy_copy(target, 0.3), PROMPT, max_new_tokens=25, k=4)
+    out = spec(target, noisy_copy(target, 0.3), 25, 4)
     assert out.new_tokens == 25 == out.accepted + out.target_calls
     assert 0 < out.rejected <= out.target_calls  # at most one rejection per verification step
     assert out.tokens_per_target_call == pytest.approx(25 / out.target_calls)
@@ -73,9 +94,18 @@ def test_stops_at_eos_like_generate(target):
     full = target_greedy(target, PROMPT, 30, eos_token_id=None)[0, PROMPT.shape[1]:]
     eos = int(full[10])  # a token that first occurs somewhere inside the continuation
     expected = target_greedy(target, PROMPT, 30, eos_token_id=eos)
-    out = speculative_generate(target, noisy_copy(target, 0.3), PROMPT, 30, k=3, eos_token_id=eos)
+    out = speculative_generate(target, PROMPT, draft=noisy_copy(target, 0.3), k=3, max_new_tokens=30,
+                               eos_token_id=eos)
     assert torch.equal(out.sequences, expected)
     assert out.sequences[0, -1] == eos
+
+
+def test_a_stopping_criterion_ends_inside_an_accepted_run(target):
+    full = spec(target, target, 30, 5).sequences  # a perfect draft: 6 tokens per verification step
+    stop_at = PROMPT.shape[1] + 8  # the 9th new token is the 3rd of the second step's run
+    criterion = lambda ids, scores: torch.tensor([ids.shape[1] >= stop_at])  # noqa: E731
+    out = spec(target, target, 30, 5, stopping=[criterion])
+    assert torch.equal(out.sequences, full[:, :stop_at])
 
 
 def test_accept_greedy_counts_the_matching_prefix():
@@ -106,7 +136,7 @@ def test_accept_sampling_preserves_the_target_distribution():
     q = torch.softmax(3 * torch.randn(k, vocab), -1)  # (k, V): a poor draft, so rejections are frequent
     gen = torch.Generator().manual_seed(1)
     drafts = torch.multinomial(q, trials, replacement=True, generator=gen).T  # (N, k)
-    n, nxt = accept_sampling(drafts, q.expand(trials, k, vocab), p.expand(trials, k + 1, vocab), gen)
+    n, nxt = accept_sampling(drafts, q.expand(trials, k, vocab), p.expand(trials, k + 1, vocab))
     assert 0.1 < n.float().mean() / k < 0.9
     first = _emitted(drafts, n, nxt, 0)
     assert _tv(first, p[0]) < 0.015
@@ -127,9 +157,9 @@ def test_sampling_end_to_end_matches_the_target_distribution():
         nexts = torch.cat([prompt.expand(vocab, 2), torch.arange(vocab)[:, None]], 1)  # (V, 3): each first token
         p2_given = torch.softmax(target(nexts).logits[:, -1] / temperature, -1)  # (V, V)
     p2 = p1 @ p2_given  # exact marginal of the second new token
-    gen = torch.Generator().manual_seed(0)
-    outs = [speculative_generate(target, draft, prompt, 2, k=2, temperature=temperature, generator=gen)
-            for _ in range(trials)]
+    torch.manual_seed(0)  # the global RNG: the one source of randomness of every decoder
+    outs = [speculative_generate(target, prompt, draft=draft, k=2, max_new_tokens=2, eos_token_id=[],
+                                 processors=[Temperature(temperature)], do_sample=True) for _ in range(trials)]
     tokens = torch.stack([o.sequences[0, 2:] for o in outs])  # (N, 2)
     assert 0 < sum(o.accepted for o in outs) < sum(o.proposed for o in outs)  # both paths were taken
     assert _tv(tokens[:, 0], p1) < 0.07
@@ -146,19 +176,19 @@ def test_expected_speedup_formula():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(k=0), "k"), (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1.0), "temperature"),
+    (dict(k=0), "k"), (dict(max_new_tokens=-1), "max_new_tokens"), (dict(seed=-1), "seed"),
 ])
 def test_bad_arguments(target, kwargs, message):
     args = dict(max_new_tokens=5, k=2) | kwargs
     with pytest.raises(ValueError, match=message):
-        speculative_generate(target, target, PROMPT, **args)
+        speculative_generate(target, PROMPT, draft=target, **args)
 
 
 def test_rejects_batches_and_mismatched_vocabularies(target):
-    with pytest.raises(ValueError, match="batch size 1"):
-        speculative_generate(target, target, PROMPT.repeat(2, 1), 5)
+    with pytest.raises(ValueError, match="one sequence at a time"):
+        speculative_generate(target, PROMPT.repeat(2, 1), draft=target, max_new_tokens=5)
     with pytest.raises(ValueError, match="vocabulary"):
-        speculative_generate(target, make_tiny_model("llama", vocab_size=50), PROMPT, 5)
+        speculative_generate(target, PROMPT, draft=make_tiny_model("llama", vocab_size=50), max_new_tokens=5)
 
 
 @pytest.mark.parametrize("args, message", [((1.5, 4, 0.1), "alpha"), ((0.5, 0, 0.1), "k"), ((0.5, 4, -1), "c")])
@@ -173,6 +203,6 @@ def test_bundled_draft_gives_the_storytellers_greedy_text(storyteller):
     for prompt in ["Once upon a time, a little fox", "Tom and his sister went to the park"]:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         expected = target_greedy(model, ids, 48, eos_token_id=None)
-        out = speculative_generate(model, draft, ids, 48, k=4)
+        out = speculative_generate(model, ids, draft=draft, k=4, max_new_tokens=48, eos_token_id=[])
         assert torch.equal(out.sequences, expected)
         assert out.acceptance_rate > 0.3  # a trained draft agrees with the target on easy tokens

@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from course_lib import train
-from course_lib.models import EOS_TOKEN, heldout_stories, load_model
+from course_lib import data, train
+from course_lib.data import heldout_stories
+from course_lib.models import EOS_TOKEN, load_model
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +30,21 @@ def trained(corpus, tmp_path_factory):
 
 def test_read_stories_splits_at_separator_lines(corpus):
     path, stories = corpus
-    assert train.read_stories(path) == stories
+    assert data.read_stories(path) == stories
 
 
 def test_read_stories_rejects_a_corpus_without_stories(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text(f"{EOS_TOKEN}\n\n{EOS_TOKEN}\n")
     with pytest.raises(ValueError, match="holds no stories"):
-        train.read_stories(empty)
+        data.read_stories(empty)
 
 
 def test_split_holds_out_five_percent_deterministically(corpus):
     _, stories = corpus
-    tr, val = train.split_stories(stories)
+    tr, val = data.split_stories(stories)
     assert len(val) == 15 and len(tr) == 285 and not set(tr) & set(val)
-    assert train.split_stories(stories) == (tr, val)
+    assert data.split_stories(stories) == (tr, val)
 
 
 def test_tokenizer_has_eos_zero_and_round_trips(trained, corpus):

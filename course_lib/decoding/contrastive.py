@@ -87,7 +87,9 @@ def contrastive_search(model, input_ids: torch.LongTensor, attention_mask: torch
         ahead_hidden = out.hidden_states[-1][:, -1].reshape(B, k, -1)  # (B, k, H)
 
         penalty = degeneration_penalty(context, ahead_hidden, context_mask[:, :-1])  # (B, k)
-        choice = contrastive_scores(top_probs, penalty, penalty_alpha).argmax(dim=-1)  # (B,)
+        # a candidate the processors ruled out (probability 0) may not win by being unlike the context
+        score = contrastive_scores(top_probs, penalty, penalty_alpha).masked_fill(top_probs == 0, -float("inf"))
+        choice = score.argmax(dim=-1)  # (B,)
         cache.reorder_cache(rows * k + choice)  # keep the chosen candidate's cache only
         context = torch.cat([context, ahead_hidden[rows, choice][:, None]], dim=1)  # (B, T + 1, H)
         logits = last_logits(out).reshape(B, k, -1)[rows, choice]  # (B, vocab)

@@ -142,7 +142,7 @@ class Scorer:
         mask = None if self.mask is None else self.mask[:, : ids.shape[1]]
         logits = forward(self.model, ids[:, past:], mask, self.cache, logits_to_keep=n).logits.float()
         logits = logits.to(ids.device)  # (1, n, vocab)
-        first = ids.shape[1] - n  # the ids before position j are ids[:, :first + j]
+        first = ids.shape[1] - n + 1  # the scores at position j follow ids[:, :first + j]
         return torch.stack([apply_processors(processors, ids[:, : first + j], logits[:, j]) for j in range(n)], 1)
 
     def keep(self, length: int) -> None:
@@ -152,14 +152,14 @@ class Scorer:
             self.cache.crop(-extra)
 
 
-def propose(draft: Scorer, ids: torch.LongTensor, n: int, processors: Sequence[Processor],
+def propose(guesser: Scorer, ids: torch.LongTensor, n: int, processors: Sequence[Processor],
             do_sample: bool) -> tuple[torch.LongTensor, torch.Tensor]:
-    """The draft's ``n`` guesses after ``ids`` (1, L), one cheap forward each: tokens (1, n) and their
+    """The draft model's ``n`` guesses after ``ids`` (1, L), one cheap forward each: tokens (1, n) and their
     distributions q (1, n, vocab), both written into preallocated tensors."""
     tokens = ids.new_zeros(1, n)  # (1, n)
-    q = torch.zeros(1, n, draft.model.config.vocab_size, device=ids.device)  # (1, n, vocab)
+    q = torch.zeros(1, n, guesser.model.config.vocab_size, device=ids.device)  # (1, n, vocab)
     for i in range(n):
-        scores = draft.scores(torch.cat([ids, tokens[:, :i]], 1), 1, processors)[:, 0]  # (1, vocab)
+        scores = guesser.scores(torch.cat([ids, tokens[:, :i]], 1), 1, processors)[:, 0]  # (1, vocab)
         q[:, i] = torch.softmax(scores, dim=-1)
         tokens[:, i] = torch.multinomial(q[:, i], 1)[:, 0] if do_sample else scores.argmax(-1)
     return tokens, q
@@ -176,8 +176,8 @@ def speculative_generate(model, input_ids: torch.LongTensor, attention_mask: tor
     the target's processed distribution (``seed`` seeds the global torch RNG). One sequence (batch 1); inputs
     follow the target, and the draft's tokens follow them.
     """
-    _check_arguments(model, draft, input_ids, k, max_new_tokens)
     run = prepare(model, input_ids, attention_mask, max_new_tokens, stopping, eos_token_id, pad_token_id)
+    _check_arguments(model, draft, input_ids, k, max_new_tokens)
     seed_rng(seed)
     ids, prompt_length = run.input_ids, run.input_ids.shape[1]
     target = Scorer(model, run.attention_mask, max_new_tokens + k)
@@ -206,16 +206,16 @@ def speculative_generate(model, input_ids: torch.LongTensor, attention_mask: tor
                 return SpeculativeOutput(ids, prompt_length, proposed, accepted, rejected, target_calls)
 
 
-def _check_arguments(model, draft, input_ids, k: int, max_new_tokens) -> None:
+def _check_arguments(model, draft, input_ids: torch.Tensor, k: int, max_new_tokens: int) -> None:
+    """After ``prepare`` has checked the prompt for the target: k, the draft's vocabulary and context, batch 1."""
     _check_k(k)
     v_target, v_draft = model.config.vocab_size, draft.config.vocab_size
     if v_target != v_draft:
         raise ValueError(f"draft and target must share one vocabulary (same tokenizer): target has {v_target} "
                          f"tokens, draft has {v_draft}")
-    if getattr(input_ids, "ndim", 0) == 2 and input_ids.shape[0] != 1:
+    if input_ids.shape[0] != 1:
         raise ValueError(f"speculative_generate decodes one sequence at a time: input_ids must be (1, T), got "
                          f"{tuple(input_ids.shape)}; rows of a batch would accept different numbers of draft "
                          f"tokens, so call it once per prompt")
-    if getattr(input_ids, "ndim", 0) == 2 and is_integer(max_new_tokens):
-        check_fits(draft, input_ids.shape[1] + max_new_tokens,
-                   what=f"the prompt ({input_ids.shape[1]} tokens) + max_new_tokens, for the draft")
+    check_fits(draft, input_ids.shape[1] + max_new_tokens,
+               what=f"the prompt ({input_ids.shape[1]} tokens) + max_new_tokens (for the draft)")
