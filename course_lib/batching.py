@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from course_lib.checks import check, is_integer
+from course_lib.checks import check_arg, is_integer
 from course_lib.data import encode_prompts, text_list
 from course_lib.decoding import greedy_no_sync
 
@@ -21,7 +21,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
 
     Returns the ``max_new_tokens`` new token ids of each prompt, in order (cut them at EOS with ``completions``).
     """
-    check("batch_size", batch_size, batch_size is None or is_integer(batch_size) and batch_size >= 1,
+    check_arg("batch_size", batch_size, batch_size is None or is_integer(batch_size) and batch_size >= 1,
           "a positive integer, or None (all prompts in one batch)")
     prompts = text_list(prompts, "prompts")
     batch_size = batch_size or len(prompts)

@@ -1,6 +1,6 @@
 """The one argument check the library shares: a clear ``ValueError`` naming the parameter and what it allows.
 
-    check("num_beams", num_beams, is_integer(num_beams) and num_beams >= 1, "an integer >= 1")
+    check_arg("num_beams", num_beams, is_integer(num_beams) and num_beams >= 1, "an integer >= 1")
     # ValueError: num_beams=2.5 is not allowed; num_beams must be an integer >= 1
 
 Decoding, processors, stopping criteria, speculative decoding and timing all use it, so every bad setting reads
@@ -22,11 +22,11 @@ def is_integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check(name: str, value, ok: bool, allowed: str) -> None:
+def check_arg(name: str, value, ok: bool, allowed: str) -> None:
     """Raise ``ValueError`` naming ``name``, its ``value`` and what is ``allowed`` unless ``ok``.
 
     Start ``ok`` with ``is_number``/``is_integer`` (which refuse bools), so that comparing a string or None
-    never runs: ``check("k", k, is_integer(k) and k >= 1, "an integer >= 1")``.
+    never runs: ``check_arg("k", k, is_integer(k) and k >= 1, "an integer >= 1")``.
     """
     if not ok:
         raise ValueError(f"{name}={value!r} is not allowed; {name} must be {allowed}")

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from course_lib.colab import register as register_colab
-from course_lib.grading.cli import register as register_grading
+from course_lib.colab import register_notebook_commands
+from course_lib.grading.cli import register_grading_commands
 
 NOTEBOOK_DIR = Path("notebooks")
 
@@ -189,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the bundled tokenizer/models (course train -h for its options)",
                        add_help=False)
     p.set_defaults(func=train, forwards_rest=True)
-    register_grading(sub)  # exercises build | grade
-    register_colab(sub)  # notebooks sync-setup
+    register_grading_commands(sub)  # exercises build | grade
+    register_notebook_commands(sub)  # notebooks sync-setup
     return parser
 
 

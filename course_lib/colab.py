@@ -201,7 +201,7 @@ def _sync_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register_notebook_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``notebooks sync-setup`` to a CLI's subcommands."""
     notebooks = subparsers.add_parser("notebooks", help="maintain the course notebooks")
     actions = notebooks.add_subparsers(dest="notebooks_command", required=True)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from course_lib.checks import check, is_integer
+from course_lib.checks import check_arg, is_integer
 from course_lib.decoding import decode_step, greedy_no_sync, new_cache, prefill
 from course_lib.decoding.steps import forward, last_logits
 from course_lib.devices import model_device, to_model_device
@@ -116,7 +116,7 @@ def decode_time_breakdown(step: Callable[[], Any], repeats: int = 20, threads: i
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    check("threads", threads, threads is None or is_integer(threads) and threads >= 1,
+    check_arg("threads", threads, threads is None or is_integer(threads) and threads >= 1,
           "an integer >= 1, or None (torch's current setting)")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from course_lib.checks import check, is_integer
+from course_lib.checks import check_arg, is_integer
 from course_lib.devices import synchronize
 
 TokenCount = int | Callable[[Any], int]
@@ -77,13 +77,13 @@ def _each(value) -> list:
 
 def _check_settings(warmup: int, repeats: int, new_tokens, bytes_moved) -> None:
     """Clear errors for the settings ``benchmark`` and ``compare`` share (per-variant mappings item by item)."""
-    check("warmup", warmup, is_integer(warmup) and warmup >= 0, "an integer >= 0")
-    check("repeats", repeats, is_integer(repeats) and repeats >= 1, "an integer >= 1")
+    check_arg("warmup", warmup, is_integer(warmup) and warmup >= 0, "an integer >= 0")
+    check_arg("repeats", repeats, is_integer(repeats) and repeats >= 1, "an integer >= 1")
     for count in _each(new_tokens):
-        check("new_tokens", count, callable(count) or is_integer(count) and count >= 0,
+        check_arg("new_tokens", count, callable(count) or is_integer(count) and count >= 0,
               "an integer >= 0, or a function of fn's return value that counts the new tokens")
     for size in _each(bytes_moved):
-        check("bytes_moved", size, size is None or is_integer(size) and size >= 0, "an integer >= 0 or None")
+        check_arg("bytes_moved", size, size is None or is_integer(size) and size >= 0, "an integer >= 0 or None")
 
 
 @torch.inference_mode()

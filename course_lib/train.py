@@ -215,7 +215,7 @@ def write_card(out: Path, cfg: TrainConfig, facts: dict) -> None:
     (out / "README.md").write_text("\n".join(lines))
 
 
-def run(corpus: Path, preset: str, out_root: Path = ASSETS_DIR, steps: int | None = None,
+def train_preset(corpus: Path, preset: str, out_root: Path = ASSETS_DIR, steps: int | None = None,
         max_stories: int | None = None) -> dict:
     """Train the tokenizer or one model preset from ``corpus`` and write it under ``out_root``."""
     from transformers import AutoTokenizer, GenerationConfig
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.corpus.is_file():
         parser.error(f"corpus not found: {args.corpus}")
-    facts = run(args.corpus, args.preset, args.out, args.steps, args.max_stories)
+    facts = train_preset(args.corpus, args.preset, args.out, args.steps, args.max_stories)
     print(json.dumps({k: v for k, v in facts.items() if k != "log"}, indent=2))
 
 

@@ -89,11 +89,11 @@ def playground(model, tokenizer, prompt: str, *, temperature: float = 0.8, top_k
 
     def render(temperature, top_k, top_p, repetition_penalty, seed, max_new_tokens):
         controls = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
-        ids = sample(model, input_ids, max_new_tokens=max_new_tokens, seed=seed, **controls)  # (1, T + new)
+        ids = sample(model, input_ids, max_new_tokens=max_new_tokens, seed=seed, **controls).sequences  # (1, T + new)
         print(f"T={temperature:.2f} top_k={top_k} top_p={top_p:.2f} repetition_penalty={repetition_penalty:.2f} "
               f"seed={seed}\n")
         print(tokenizer.decode(ids[0], skip_special_tokens=True))
-        probs = next_token_probs(model, input_ids, sampling_processors(input_ids, **controls))[0]  # (vocab,)
+        probs = next_token_probs(model, input_ids, processors=sampling_processors(input_ids, **controls))[0]  # (V,)
         allowed = int((probs > 0).sum())
         next_token_bars(probs, tokenizer, highlight=int(ids[0, input_ids.shape[1]]),
                         title=f"first step: {allowed} tokens can be drawn (orange = drawn)")

@@ -36,15 +36,15 @@ def unmasked_calls(tiny_gpt2):
 
 
 CASES = {
-    "greedy": lambda m: greedy_search(m, BOS_PROMPT, max_new_tokens=4, eos_token_id=[]),
-    "sample": lambda m: sample(m, BOS_PROMPT, max_new_tokens=4, seed=0, eos_token_id=[]),
+    "greedy": lambda m: greedy_search(m, BOS_PROMPT, max_new_tokens=4, eos_token_id=[]).sequences,
+    "sample": lambda m: sample(m, BOS_PROMPT, max_new_tokens=4, seed=0, eos_token_id=[]).sequences,
     "beam": lambda m: beam_search(m, BOS_PROMPT, num_beams=2, max_new_tokens=4, eos_token_id=[]),
     "diverse beam": lambda m: diverse_beam_search(m, BOS_PROMPT, num_beams=2, num_beam_groups=2,
                                                   diversity_penalty=0.5, max_new_tokens=4, eos_token_id=[]),
-    "contrastive": lambda m: contrastive_search(m, BOS_PROMPT, max_new_tokens=4, eos_token_id=[]),
+    "contrastive": lambda m: contrastive_search(m, BOS_PROMPT, max_new_tokens=4, eos_token_id=[]).sequences,
     "next-token probabilities": lambda m: next_token_probs(m, BOS_PROMPT),
     "ensemble, called directly": lambda m: Ensemble([m, m])(input_ids=BOS_PROMPT),
-    "ensemble, generating": lambda m: greedy_search(Ensemble([m, m]), BOS_PROMPT, max_new_tokens=3, eos_token_id=[]),
+    "ensemble, generating": lambda m: greedy_search(Ensemble([m, m]), BOS_PROMPT, max_new_tokens=3, eos_token_id=[]).sequences,
     "speculative": lambda m: speculative_generate(m, make_tiny_model("gpt2", seed=1), BOS_PROMPT, 6, k=2),
     "held-out loss": lambda m: heldout_loss(m, torch.tensor([0, 3, 4, 0, 5, 6, 0, 7, 8]), context=4),
     "training step": lambda m: train_step(m, make_optimizer(m, 1e-6, 0.0), BOS_PROMPT, BOS_PROMPT, 1e-6, bf16=False),

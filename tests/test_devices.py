@@ -5,9 +5,14 @@ from course_lib.devices import (DEVICE_ENV_VAR, DeviceUnavailableError, availabl
                                 get_device, seed_everything)
 
 
-def test_default_is_best_available(monkeypatch):
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_default_is_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
     monkeypatch.delenv(DEVICE_ENV_VAR, raising=False)
-    assert get_device().type == available_devices()[0].split(":")[0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 if cuda else 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert get_device() == torch.device(expected)
+    assert available_devices()[-1] == "cpu" and ("cuda:1" in available_devices()) == cuda
 
 
 def test_argument_beats_environment(monkeypatch):

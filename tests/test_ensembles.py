@@ -85,8 +85,8 @@ def test_generate_with_per_member_caches_is_the_uncached_argmax_loop(pair):
     for _ in range(6):  # no cache: every step re-reads the whole prefix with both members
         nxt = combine_log_probs([log_probs(a, expected)[:, -1], log_probs(b, expected)[:, -1]], [0.6, 0.4], "product")
         expected = torch.cat([expected, nxt.argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(generate(ens, ids, max_new_tokens=6, eos_token_id=[]), expected)
-    assert torch.equal(generate(ens, ids, max_new_tokens=6, eos_token_id=[]), expected)  # caches start afresh
+    assert torch.equal(generate(ens, ids, max_new_tokens=6, eos_token_id=[]).sequences, expected)
+    assert torch.equal(generate(ens, ids, max_new_tokens=6, eos_token_id=[]).sequences, expected)  # caches start afresh
 
 
 def test_generate_left_padded_batch_and_single_member(pair):
@@ -95,12 +95,12 @@ def test_generate_left_padded_batch_and_single_member(pair):
     short, long = X[:1, :3], X[1:, :6]
     padded = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])  # (2, 6)
     mask = (torch.arange(6) >= torch.tensor([[3], [0]])).long()  # (2, 6): row 0 starts at position 3
-    both = generate(ens, padded, mask, max_new_tokens=5, eos_token_id=[])
-    assert torch.equal(both[0, 3:], generate(ens, short, max_new_tokens=5, eos_token_id=[])[0])
-    assert torch.equal(both[1], generate(ens, long, max_new_tokens=5, eos_token_id=[])[0])
+    both = generate(ens, padded, mask, max_new_tokens=5, eos_token_id=[]).sequences
+    assert torch.equal(both[0, 3:], generate(ens, short, max_new_tokens=5, eos_token_id=[]).sequences[0])
+    assert torch.equal(both[1], generate(ens, long, max_new_tokens=5, eos_token_id=[]).sequences[0])
     # weight 1 on one member: the same tokens as transformers' own greedy search with that model
     hf = a.generate(long, attention_mask=torch.ones_like(long), max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert torch.equal(generate(Ensemble([a, b], [1.0, 0.0]), long, max_new_tokens=5), hf)
+    assert torch.equal(generate(Ensemble([a, b], [1.0, 0.0]), long, max_new_tokens=5).sequences, hf)
 
 
 def test_bad_inputs(pair):

@@ -231,7 +231,7 @@ def test_test_decorator_rejects_bad_arguments(question, points):
 @pytest.mark.parametrize("value", [None, True, 3, -2.5, float("inf"), "text", [1, [2.0, "x"]], {"a": (1, 2)}])
 def test_values_survive_the_json_round_trip(value):
     expected = json.loads(json.dumps(values.encode(value)))
-    assert values.compare(values.decode(expected), values.decode(values.encode(value))) == ""
+    assert values.compare_values(values.decode(expected), values.decode(values.encode(value))) == ""
 
 
 def test_tensors_keep_dtype_shape_and_special_values():
@@ -241,7 +241,7 @@ def test_tensors_keep_dtype_shape_and_special_values():
                    torch.tensor([True, False]), torch.zeros(0, 4, dtype=torch.bfloat16)):
         back = values.decode(json.loads(json.dumps(values.encode(tensor))))
         assert back.dtype == tensor.dtype and back.shape == tensor.shape
-        assert values.compare(back, tensor) == ""
+        assert values.compare_values(back, tensor) == ""
 
 
 @pytest.mark.parametrize("data", [
@@ -258,7 +258,7 @@ def test_decode_refuses_what_encode_cannot_have_made(data):
 def test_hidden_differences_do_not_show_values():
     import torch
 
-    message = values.compare(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 7.25]), show=False)
+    message = values.compare_values(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 7.25]), show=False)
     assert message == "the result differs in 1 of 2 values" and "7.25" not in message
 
 

@@ -12,7 +12,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from course_lib import cli, train
-from course_lib.checks import check, is_integer, is_number
+from course_lib.checks import check_arg, is_integer, is_number
 from course_lib.decoding import (
     FrequencyPresencePenalty, MinP, NoRepeatNGram, RepetitionPenalty, StopStrings, Temperature, TimeLimit, TopK,
     TopP, TypicalP, beam_search, contrastive_search, diverse_beam_search, generate, greedy_search,
@@ -303,6 +303,6 @@ def test_bad_settings_name_the_parameter(tokenizer, make, message):
 def test_the_shared_check_refuses_bools_nan_and_strings_as_numbers():
     assert is_number(2) and is_number(0.5) and not is_number(True) and not is_number(float("inf"))
     assert not is_number("1") and is_integer(3) and not is_integer(3.0) and not is_integer(False)
-    check("k", 3, True, "anything")  # ok: nothing raised
+    check_arg("k", 3, True, "anything")  # ok: nothing raised
     with pytest.raises(ValueError, match=r"^k=3.0 is not allowed; k must be an integer >= 1$"):
-        check("k", 3.0, is_integer(3.0), "an integer >= 1")
+        check_arg("k", 3.0, is_integer(3.0), "an integer >= 1")

@@ -38,7 +38,7 @@ def test_perplexity_agrees_with_the_training_loss(tiny_gpt2):
 
 def test_a_models_greedy_text_has_lower_perplexity_than_random_text(tiny_gpt2):
     prompt = torch.tensor([[5, 17, 42]])
-    greedy = generate(tiny_gpt2, prompt, max_new_tokens=15, eos_token_id=[])[0]
+    greedy = generate(tiny_gpt2, prompt, max_new_tokens=15, eos_token_id=[]).sequences[0]
     noise = torch.randint(1, tiny_gpt2.config.vocab_size, (18,), generator=torch.Generator().manual_seed(1))
     assert perplexity(tiny_gpt2, greedy) < perplexity(tiny_gpt2, noise)
 

@@ -40,7 +40,7 @@ def test_seeded_sampling_matches_generate_on_tiny_models(tiny_model, setting):
     ids = prompt(tiny_model.config.vocab_size)
     torch.manual_seed(11)
     theirs = tiny_model.generate(ids, do_sample=True, max_new_tokens=16, **generate_kwargs(setting))
-    ours = sample(tiny_model, ids, max_new_tokens=16, seed=11, **setting)
+    ours = sample(tiny_model, ids, max_new_tokens=16, seed=11, **setting).sequences
     assert torch.equal(ours, theirs)
 
 
@@ -53,7 +53,7 @@ def test_seeded_sampling_matches_generate_with_left_padding_and_eos(tiny_gpt2):
     setting = dict(temperature=2.5, repetition_penalty=1.4, top_p=0.95)
     torch.manual_seed(5)
     theirs = tiny_gpt2.generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=30, **generate_kwargs(setting))
-    ours = sample(tiny_gpt2, ids, mask, max_new_tokens=30, seed=5, **setting)
+    ours = sample(tiny_gpt2, ids, mask, max_new_tokens=30, seed=5, **setting).sequences
     assert torch.equal(ours, theirs)
 
 
@@ -67,15 +67,15 @@ def test_seeded_sampling_matches_generate_on_storyteller(storyteller, setting):
     batch = tokenizer(["Once upon a time", "The little dog was very"], return_tensors="pt", padding=True)
     torch.manual_seed(3)
     theirs = model.generate(**batch, do_sample=True, max_new_tokens=24, **generate_kwargs(setting))
-    ours = sample(model, batch.input_ids, batch.attention_mask, max_new_tokens=24, seed=3, **setting)
+    ours = sample(model, batch.input_ids, batch.attention_mask, max_new_tokens=24, seed=3, **setting).sequences
     assert torch.equal(ours, theirs)
 
 
 def test_seed_changes_the_sample_and_repeats_it(tiny_gpt2):
     ids = prompt(tiny_gpt2.config.vocab_size)
-    first = sample(tiny_gpt2, ids, max_new_tokens=12, temperature=2.0, seed=0)
-    again = sample(tiny_gpt2, ids, max_new_tokens=12, temperature=2.0, seed=0)
-    other = sample(tiny_gpt2, ids, max_new_tokens=12, temperature=2.0, seed=1)
+    first = sample(tiny_gpt2, ids, max_new_tokens=12, temperature=2.0, seed=0).sequences
+    again = sample(tiny_gpt2, ids, max_new_tokens=12, temperature=2.0, seed=0).sequences
+    other = sample(tiny_gpt2, ids, max_new_tokens=12, temperature=2.0, seed=1).sequences
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
@@ -98,8 +98,8 @@ def test_neutral_settings_add_no_processors():
 
 def test_tiny_temperature_equals_greedy(tiny_model):
     ids = prompt(tiny_model.config.vocab_size)
-    greedy = generate(tiny_model, ids, max_new_tokens=12)
-    assert torch.equal(sample(tiny_model, ids, max_new_tokens=12, temperature=1e-3, seed=0), greedy)
+    greedy = generate(tiny_model, ids, max_new_tokens=12).sequences
+    assert torch.equal(sample(tiny_model, ids, max_new_tokens=12, temperature=1e-3, seed=0).sequences, greedy)
 
 
 def test_sample_select_follows_the_distribution():
@@ -121,9 +121,9 @@ def test_next_token_probs_and_kept_counter(tiny_gpt2):
 def test_bad_controls_raise(tiny_gpt2):
     ids = prompt(tiny_gpt2.config.vocab_size)
     with pytest.raises(ValueError, match="temperature=0"):
-        sample(tiny_gpt2, ids, max_new_tokens=4, temperature=0)
+        sample(tiny_gpt2, ids, max_new_tokens=4, temperature=0).sequences
     with pytest.raises(ValueError, match="top_p=1.5"):
-        sample(tiny_gpt2, ids, max_new_tokens=4, top_p=1.5)
+        sample(tiny_gpt2, ids, max_new_tokens=4, top_p=1.5).sequences
 
 
 def test_playground_static_output_is_the_seeded_sample(tiny_gpt2, capsys, monkeypatch):
@@ -144,5 +144,5 @@ def test_playground_static_output_is_the_seeded_sample(tiny_gpt2, capsys, monkey
     tokenizer = CharTokenizer()
     playground(tiny_gpt2, tokenizer, "Hello", temperature=1.5, top_k=8, seed=4, max_new_tokens=6)
     printed = capsys.readouterr().out
-    expected = sample(tiny_gpt2, tokenizer("Hello").input_ids, max_new_tokens=6, temperature=1.5, top_k=8, seed=4)
+    expected = sample(tiny_gpt2, tokenizer("Hello").input_ids, max_new_tokens=6, temperature=1.5, top_k=8, seed=4).sequences
     assert "T=1.50 top_k=8" in printed and tokenizer.decode(expected[0]) in printed

@@ -76,10 +76,10 @@ def test_prefill_and_decode_steps_match_a_full_forward(tiny_model):
 
 def test_greedy_matches_generate_with_rows_ending_at_different_steps(case):
     model, ids, mask, _ = case
-    free = greedy_search(model, ids, mask, max_new_tokens=NEW, eos_token_id=[])
+    free = greedy_search(model, ids, mask, max_new_tokens=NEW, eos_token_id=[]).sequences
     eos = int(free[0, ids.shape[1] + 1])  # row 0 ends after two tokens
     for kw in ({}, {"eos_token_id": eos, "pad_token_id": PAD}):  # the model's own EOS (0), then a busy one
-        ours = greedy_search(model, ids, mask, max_new_tokens=NEW, **kw)
+        ours = greedy_search(model, ids, mask, max_new_tokens=NEW, **kw).sequences
         assert torch.equal(ours, model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, **kw))
     assert ours[0, -1] == PAD and (ours[1:, -1] != PAD).any(), "rows should finish at different steps"
 
@@ -102,7 +102,7 @@ def test_unpadded_prompt_matches_generate(case):
     model, ids, _, eos = case
     prompt = ids[2:]  # the longest prompt: no padding, so no attention mask at all
     kw = dict(max_new_tokens=NEW, eos_token_id=eos, pad_token_id=PAD)
-    assert torch.equal(greedy_search(model, prompt, **kw), model.generate(prompt, do_sample=False, **kw))
+    assert torch.equal(greedy_search(model, prompt, **kw).sequences, model.generate(prompt, do_sample=False, **kw))
     for num_beams in (2, 4):
         for early_stopping in MODES:
             ours = beam_search(model, prompt, num_beams=num_beams, early_stopping=early_stopping, **kw)
@@ -116,7 +116,7 @@ def test_processors_see_the_right_ids_in_greedy_and_beam(case):
     model, ids, mask, eos = case
     kw = dict(max_new_tokens=NEW, eos_token_id=eos, pad_token_id=PAD)
     processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5)])
-    ours = greedy_search(model, ids, mask, processors=processors, **kw)
+    ours = greedy_search(model, ids, mask, processors=processors, **kw).sequences
     assert torch.equal(ours, model.generate(ids, attention_mask=mask, do_sample=False, repetition_penalty=1.5, **kw))
     ours = beam_search(model, ids, mask, num_beams=3, processors=processors, **kw)
     sequences, scores = hf_beam(model, ids, mask, num_beams=3, repetition_penalty=1.5, **kw)
@@ -131,7 +131,7 @@ def test_bundled_storyteller_matches_generate(storyteller):
     model, tokenizer = storyteller
     batch = tokenizer(STORY_PROMPTS, return_tensors="pt", padding=True)
     ids, mask = batch.input_ids, batch.attention_mask
-    assert torch.equal(greedy_search(model, ids, mask, max_new_tokens=24),
+    assert torch.equal(greedy_search(model, ids, mask, max_new_tokens=24).sequences,
                        model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False))
     for num_beams, length_penalty in ((2, 1.0), (4, 0.0), (4, 2.0)):
         for early_stopping in MODES:
@@ -147,7 +147,7 @@ def test_width_one_beam_is_greedy(case):
     model, ids, mask, eos = case
     kw = dict(max_new_tokens=NEW, eos_token_id=eos, pad_token_id=PAD)
     width_one = beam_search(model, ids, mask, num_beams=1, **kw).sequences
-    assert torch.equal(width_one, greedy_search(model, ids, mask, **kw))
+    assert torch.equal(width_one, greedy_search(model, ids, mask, **kw).sequences)
 
 
 # ---- the recorded search tree --------------------------------------------------------------------
@@ -182,9 +182,9 @@ def test_beam_tree_plot_draws_every_candidate(tiny_gpt2):
 def test_contrastive_with_alpha_zero_or_one_candidate_is_greedy(case):
     model, ids, mask, eos = case
     kw = dict(max_new_tokens=NEW, eos_token_id=eos, pad_token_id=PAD)
-    greedy = greedy_search(model, ids, mask, **kw)
-    assert torch.equal(contrastive_search(model, ids, mask, penalty_alpha=0.0, top_k=5, **kw), greedy)
-    assert torch.equal(contrastive_search(model, ids, mask, penalty_alpha=0.6, top_k=1, **kw), greedy)
+    greedy = greedy_search(model, ids, mask, **kw).sequences
+    assert torch.equal(contrastive_search(model, ids, mask, penalty_alpha=0.0, top_k=5, **kw).sequences, greedy)
+    assert torch.equal(contrastive_search(model, ids, mask, penalty_alpha=0.6, top_k=1, **kw).sequences, greedy)
 
 
 def test_degeneration_penalty_changes_the_choice_as_the_formula_says():
@@ -216,7 +216,7 @@ def test_contrastive_step_matches_a_brute_force_computation(tiny_gpt2):
     for seed in range(8):
         ids, _ = padded_prompts(lengths=(6,), seed=seed)
         expected, likeliest = _brute_force_contrastive_token(tiny_gpt2, ids, alpha=0.6, k=4)
-        ours = contrastive_search(tiny_gpt2, ids, penalty_alpha=0.6, top_k=4, max_new_tokens=1, eos_token_id=[])
+        ours = contrastive_search(tiny_gpt2, ids, penalty_alpha=0.6, top_k=4, max_new_tokens=1, eos_token_id=[]).sequences
         assert ours[0, -1] == expected
         overruled += expected != likeliest
     assert overruled > 0, "some prompt should be one where the penalty overrules the likeliest token"
@@ -224,10 +224,10 @@ def test_contrastive_step_matches_a_brute_force_computation(tiny_gpt2):
 
 def test_contrastive_ignores_left_padding(case):
     model, ids, mask, _ = case
-    batched = contrastive_search(model, ids, mask, max_new_tokens=NEW, eos_token_id=[])
+    batched = contrastive_search(model, ids, mask, max_new_tokens=NEW, eos_token_id=[]).sequences
     for row in range(ids.shape[0]):
         alone = ids[row:row + 1, mask[row].argmax():]
-        single = contrastive_search(model, alone, max_new_tokens=NEW, eos_token_id=[])
+        single = contrastive_search(model, alone, max_new_tokens=NEW, eos_token_id=[]).sequences
         assert torch.equal(batched[row, -NEW:], single[0, -NEW:])
 
 
@@ -317,9 +317,9 @@ def test_bad_settings_are_refused(tiny_gpt2, search, bad, message):
 
 def test_the_loop_rejects_bad_shapes(tiny_gpt2):
     with pytest.raises(ValueError, match="input_ids"):
-        greedy_search(tiny_gpt2, torch.tensor([5, 6]), max_new_tokens=2)
+        greedy_search(tiny_gpt2, torch.tensor([5, 6]), max_new_tokens=2).sequences
     with pytest.raises(ValueError, match="attention_mask"):
-        greedy_search(tiny_gpt2, torch.tensor([[5, 6]]), torch.ones(1, 3), max_new_tokens=2)
+        greedy_search(tiny_gpt2, torch.tensor([[5, 6]]), torch.ones(1, 3), max_new_tokens=2).sequences
     with pytest.raises(ValueError, match="one token per row"):
         decode_step(tiny_gpt2, torch.tensor([[5, 6]]), None, new_cache(tiny_gpt2))
 

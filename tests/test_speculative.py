@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tiny_models import make_tiny_model
-from course_lib.decoding import RepetitionPenalty, StopStrings, Temperature, TopK, greedy_search
+from course_lib.decoding import RepetitionPenalty, Temperature, TopK, greedy_search
 from course_lib.decoding.speculative import (accept_greedy, accept_sampling, expected_speedup,
                                              expected_tokens_per_step, speculative_generate)
 from course_lib.models import load_model
@@ -166,12 +166,26 @@ def test_sampling_end_to_end_matches_the_target_distribution():
     assert _tv(tokens[:, 1], p2) < 0.07
 
 
-def test_expected_speedup_formula():
-    assert expected_tokens_per_step(0.0, 4) == 1.0
-    assert expected_tokens_per_step(1.0, 4) == 5.0
-    assert expected_tokens_per_step(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
-    assert expected_speedup(0.8, 4, 0.05) == pytest.approx((1 - 0.8**5) / (0.2 * 1.2))
-    assert expected_speedup(0.0, 3, 0.5) == pytest.approx(1 / 2.5)  # every guess wasted: a slow-down
+def simulated_speedup(alpha: float, k: int, c: float, steps: int = 200_000) -> tuple[float, float]:
+    """Monte-Carlo speculative steps: each draft token is accepted with probability alpha until the first
+    rejection; a step emits the accepted tokens plus one and costs k drafts (c each) + one target forward.
+    Returns the speed-up (tokens per unit of cost over the target alone) and its standard error."""
+    gen = torch.Generator().manual_seed(0)
+    accepted = (torch.rand(steps, k, generator=gen) < alpha).long().cumprod(1).sum(1)  # (steps,)
+    tokens = (accepted + 1).double()
+    return float(tokens.mean()) / (k * c + 1), float(tokens.std() / steps**0.5) / (k * c + 1)
+
+
+@pytest.mark.parametrize("alpha, k, c", [(0.8, 4, 0.05), (0.5, 2, 0.3), (0.0, 3, 0.5), (0.95, 6, 0.1)])
+def test_expected_speedup_formula_agrees_with_a_simulation(alpha, k, c):
+    mean, se = simulated_speedup(alpha, k, c)
+    assert expected_speedup(alpha, k, c) == pytest.approx(mean, abs=5 * se + 1e-9)
+    assert expected_tokens_per_step(alpha, k) == pytest.approx(mean * (k * c + 1), abs=5 * se * (k * c + 1) + 1e-9)
+
+
+def test_expected_speedup_edge_cases():
+    assert expected_tokens_per_step(1.0, 4) == 5.0  # every guess accepted, plus the bonus token
+    assert expected_speedup(0.0, 3, 0.5) < 1  # every guess wasted: a slow-down
     assert expected_speedup(1.0, 3, 0.0) == 4.0
 
 

@@ -41,9 +41,9 @@ def test_max_new_tokens_counts_only_new_tokens():
 def test_rows_finish_at_different_steps_and_match_generate(tiny_llama):
     prompt = torch.tensor([[0, 0, 11, 12], [21, 22, 23, 24]])
     mask = (prompt != 0).long()
-    free = greedy_search(tiny_llama, prompt, mask, max_new_tokens=8, eos_token_id=[])
+    free = greedy_search(tiny_llama, prompt, mask, max_new_tokens=8, eos_token_id=[]).sequences
     eos = int(free[0, 5])  # row 0 produces this token as its second new token
-    ours = greedy_search(tiny_llama, prompt, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=PAD)
+    ours = greedy_search(tiny_llama, prompt, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=PAD).sequences
     theirs = tiny_llama.generate(prompt, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=eos,
                                  pad_token_id=PAD)
     assert torch.equal(ours, theirs)
@@ -54,20 +54,20 @@ def test_rows_finish_at_different_steps_and_match_generate(tiny_llama):
 
 def test_max_new_tokens_zero_returns_the_prompt(tiny_gpt2):
     prompt = torch.tensor([[5, 6, 7]])
-    assert torch.equal(generate(tiny_gpt2, prompt, max_new_tokens=0), prompt)
+    assert torch.equal(generate(tiny_gpt2, prompt, max_new_tokens=0).sequences, prompt)
 
 
 def test_user_criterion_one_bool_per_row_matches_generate(tiny_gpt2):
     prompt = torch.tensor([[0, 11, 12], [21, 22, 23]])
     mask = (prompt != 0).long()
-    free = greedy_search(tiny_gpt2, prompt, mask, max_new_tokens=6, eos_token_id=[])
+    free = greedy_search(tiny_gpt2, prompt, mask, max_new_tokens=6, eos_token_id=[]).sequences
     target = int(free[1, 4])  # "stop once this token appears", true for row 1 after two tokens
 
     def saw_target(input_ids, scores):
         return (input_ids[:, 3:] == target).any(dim=-1)
 
     kw = dict(max_new_tokens=6, eos_token_id=97 - 1, pad_token_id=PAD)
-    ours = greedy_search(tiny_gpt2, prompt, mask, stopping=[saw_target], **kw)
+    ours = greedy_search(tiny_gpt2, prompt, mask, stopping=[saw_target], **kw).sequences
     theirs = tiny_gpt2.generate(prompt, attention_mask=mask, do_sample=False,
                                 stopping_criteria=StoppingCriteriaList([saw_target]), **kw)
     assert torch.equal(ours, theirs)
@@ -85,7 +85,7 @@ def test_time_limit_stops_every_row_once_time_is_up(tiny_gpt2):
     expired = TimeLimit(0.5)
     expired.start -= 1.0  # as if the limit had been set one second ago
     assert expired(torch.zeros(2, 3, dtype=torch.long)).tolist() == [True, True]
-    out = greedy_search(tiny_gpt2, torch.tensor([[5, 6]]), max_new_tokens=20, stopping=[expired], eos_token_id=[])
+    out = greedy_search(tiny_gpt2, torch.tensor([[5, 6]]), max_new_tokens=20, stopping=[expired], eos_token_id=[]).sequences
     assert out.shape == (1, 3)  # checked after each token: exactly one token got through
 
 
@@ -103,11 +103,11 @@ def test_stop_strings_match_only_when_the_newest_token_completes_them(tokenizer)
 def test_stop_strings_match_generate(wide_gpt2, tokenizer):
     batch = tokenizer(["Once upon a time", "The cat sat on the"], return_tensors="pt", padding=True)
     ids, mask = batch.input_ids, batch.attention_mask
-    free = greedy_search(wide_gpt2, ids, mask, max_new_tokens=10, eos_token_id=[])
+    free = greedy_search(wide_gpt2, ids, mask, max_new_tokens=10, eos_token_id=[]).sequences
     text = tokenizer.decode(free[0, ids.shape[1] + 2: ids.shape[1] + 5])
     stop_string = text[1:-1] if len(text) > 3 else text  # spans token boundaries, with overhangs
     kw = dict(max_new_tokens=10, eos_token_id=tokenizer.eos_token_id, pad_token_id=PAD)
-    ours = greedy_search(wide_gpt2, ids, mask, stopping=[StopStrings(tokenizer, stop_string)], **kw)
+    ours = greedy_search(wide_gpt2, ids, mask, stopping=[StopStrings(tokenizer, stop_string)], **kw).sequences
     theirs = wide_gpt2.generate(ids, attention_mask=mask, do_sample=False, stop_strings=stop_string,
                                 tokenizer=tokenizer, **kw)
     assert torch.equal(ours, theirs)
@@ -129,4 +129,4 @@ def test_bad_criteria_are_refused(tokenizer, make, message):
 
 def test_negative_max_new_tokens_is_refused(tiny_gpt2):
     with pytest.raises(ValueError, match="max_new_tokens"):
-        generate(tiny_gpt2, torch.tensor([[5, 6]]), max_new_tokens=-1)
+        generate(tiny_gpt2, torch.tensor([[5, 6]]), max_new_tokens=-1).sequences

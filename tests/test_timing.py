@@ -84,3 +84,25 @@ def test_weight_bytes_follows_dtype():
     model = torch.nn.Linear(10, 4)  # 44 parameters
     assert weight_bytes(model) == 44 * 4
     assert weight_bytes(model.to(torch.bfloat16)) == 44 * 2
+
+
+def test_cost_per_token_reports_each_positions_median(fake_clock, tiny_gpt2):
+    from course_lib.measure import cost_per_token
+
+    ids = torch.randint(1, 97, (1, 8), generator=torch.Generator().manual_seed(0))
+    # interleaved per position: no cache, KV cache, three times; medians 0.2 / 0.02 at p=3, 0.5 / 0.03 at p=6
+    fake_clock.extend([0.1, 0.01, 0.2, 0.02, 0.3, 0.05] + [0.5, 0.03, 0.4, 0.04, 0.9, 0.01])
+    costs = cost_per_token(tiny_gpt2, ids, positions=[3, 6], repeats=3)
+    assert costs == {"no cache": pytest.approx([0.2, 0.5]), "KV cache": pytest.approx([0.02, 0.03])}
+    assert fake_clock == []  # every queued duration was used: 2 positions x 2 variants x 3 repeats
+
+
+def test_throughput_by_batch_counts_every_rows_tokens(fake_clock, tiny_gpt2):
+    from course_lib.measure import throughput_by_batch
+
+    ids = torch.randint(1, 97, (4, 5), generator=torch.Generator().manual_seed(1))
+    fake_clock.extend([0.1, 0.3, 0.2] + [0.4, 0.2, 0.6])  # batch 1, then batch 4, 3 runs each
+    batch_1, batch_4 = throughput_by_batch(tiny_gpt2, ids, [1, 4], max_new_tokens=6, repeats=3)
+    assert (batch_1.name, batch_4.name) == ("batch 1", "batch 4")
+    assert batch_1.tokens_per_s == pytest.approx(6 / 0.2) and batch_4.tokens_per_s == pytest.approx(24 / 0.4)
+    assert batch_4.median_s == pytest.approx(0.4)  # each request of the batch waits this long

@@ -6,6 +6,7 @@ import torch
 
 from course_lib import data, train
 from course_lib.data import heldout_stories
+from course_lib.metrics import heldout_loss
 from course_lib.models import EOS_TOKEN, load_model
 
 
@@ -23,8 +24,8 @@ def corpus(tmp_path_factory):
 def trained(corpus, tmp_path_factory):
     path, _ = corpus
     out = tmp_path_factory.mktemp("out")
-    train.run(path, "tokenizer", out)
-    facts = train.run(path, "draft", out, steps=12)
+    train.train_preset(path, "tokenizer", out)
+    facts = train.train_preset(path, "draft", out, steps=12)
     return out, facts
 
 
@@ -56,17 +57,20 @@ def test_tokenizer_has_eos_zero_and_round_trips(trained, corpus):
     assert tok.decode(tok(text)["input_ids"]) == text
 
 
-def test_training_lowers_the_loss_and_writes_a_loadable_model(trained):
+def test_training_lowers_the_loss_and_writes_a_loadable_model(trained, corpus):
     out, facts = trained
     folder = out / "models" / "draft"
     assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
     card = json.loads((folder / "training.json").read_text())
-    assert card["config"]["steps"] == 12 and card["tokens_seen"] == 12 * 8 * 256
+    assert card["tokens_seen"] == 12 * 8 * 256  # steps x batch x context
     # A random 4096-way guess costs ln(4096) = 8.3 nats; even 12 steps must beat it clearly.
     assert facts["heldout_nats_per_token"] < 8.0
     assert 0 < facts["heldout_bits_per_byte"] < 3
-    model, _ = load_model(str(folder), device="cpu")
+    model, tokenizer = load_model(str(folder), device="cpu")
     assert sum(p.numel() for p in model.parameters()) == facts["parameters"]
+    _, val = data.split_stories(data.read_stories(corpus[0]))  # the card's loss holds for the shipped weights
+    val_ids = data.encode_stories(tokenizer, val)
+    assert card["heldout_nats_per_token"] == pytest.approx(heldout_loss(model, val_ids, 256)[0], abs=1e-4)
     assert "held-out bits per byte" in (folder / "README.md").read_text()
 
 
@@ -75,7 +79,7 @@ def test_training_is_reproducible(corpus, trained, tmp_path):
     (tmp_path / "tokenizer").mkdir()
     for f in (trained[0] / "tokenizer").iterdir():
         (tmp_path / "tokenizer" / f.name).write_bytes(f.read_bytes())
-    train.run(path, "draft", tmp_path, steps=12)
+    train.train_preset(path, "draft", tmp_path, steps=12)
     a, _ = load_model(str(trained[0] / "models" / "draft"), device="cpu")
     b, _ = load_model(str(tmp_path / "models" / "draft"), device="cpu")
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
@@ -84,7 +88,7 @@ def test_training_is_reproducible(corpus, trained, tmp_path):
 
 def test_unknown_preset(corpus, tmp_path):
     with pytest.raises(ValueError, match="unknown preset 'huge'; allowed: 'tokenizer', 'storyteller'"):
-        train.run(corpus[0], "huge", tmp_path)
+        train.train_preset(corpus[0], "huge", tmp_path)
 
 
 def test_lr_schedule_warms_up_then_decays():

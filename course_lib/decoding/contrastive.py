@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from course_lib.checks import check, is_integer, is_number
+from course_lib.checks import check_arg, is_integer, is_number
 from course_lib.decoding.prepare import GenerateOutput, append_and_stop, grow, prepare
 from course_lib.decoding.processors import Processor, apply_processors
 from course_lib.decoding.steps import forward, last_logits, new_cache
@@ -44,9 +44,9 @@ def contrastive_scores(top_probs: torch.Tensor, penalty: torch.Tensor, alpha: fl
 
 
 def _check(penalty_alpha, top_k) -> None:
-    check("penalty_alpha", penalty_alpha, is_number(penalty_alpha) and 0.0 <= penalty_alpha <= 1.0,
+    check_arg("penalty_alpha", penalty_alpha, is_number(penalty_alpha) and 0.0 <= penalty_alpha <= 1.0,
           "a number in [0, 1] (0 is greedy search)")
-    check("top_k", top_k, is_integer(top_k) and top_k >= 1, "an integer >= 1 (the candidates compared per step)")
+    check_arg("top_k", top_k, is_integer(top_k) and top_k >= 1, "an integer >= 1 (the candidates compared per step)")
 
 
 @torch.inference_mode()

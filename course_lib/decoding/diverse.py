@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from course_lib.checks import check, is_integer, is_number
+from course_lib.checks import check_arg, is_integer, is_number
 from course_lib.decoding.beam import BeamConfig, beam_step, best_hypotheses, gather, init_beams, search_done
 from course_lib.decoding.processors import Processor, apply_processors
 from course_lib.decoding.search import BeamDecoder, BeamSearchOutput, check_beam_args, start_search
@@ -34,10 +34,10 @@ def hamming_penalty(earlier_tokens: torch.LongTensor, vocab_size: int, diversity
 
 
 def _check_groups(num_beams, num_beam_groups, diversity_penalty) -> None:
-    check("num_beam_groups", num_beam_groups,
+    check_arg("num_beam_groups", num_beam_groups,
           is_integer(num_beam_groups) and num_beam_groups >= 1 and num_beams % num_beam_groups == 0,
           f"a divisor of num_beams={num_beams}")
-    check("diversity_penalty", diversity_penalty, is_number(diversity_penalty) and diversity_penalty >= 0,
+    check_arg("diversity_penalty", diversity_penalty, is_number(diversity_penalty) and diversity_penalty >= 0,
           "a number >= 0")
 
 

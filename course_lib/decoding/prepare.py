@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from course_lib.checks import check, is_integer
+from course_lib.checks import check_arg, is_integer
 from course_lib.decoding.stopping import Criterion, EosStop, MaxNewTokens, any_stop
 from course_lib.devices import to_model_device
 from course_lib.models import check_fits, check_token_ids
@@ -46,10 +46,10 @@ def special_ids(model, eos_token_id, pad_token_id) -> tuple[list[int], int | Non
     config = model.generation_config
     eos = config.eos_token_id if eos_token_id is None else eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
-    check("eos_token_id", eos_token_id, isinstance(eos, (list, tuple)) and all(is_integer(e) and e >= 0 for e in eos),
+    check_arg("eos_token_id", eos_token_id, isinstance(eos, (list, tuple)) and all(is_integer(e) and e >= 0 for e in eos),
           "a token id, a list of token ids, or [] (no EOS stop)")
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
-    check("pad_token_id", pad_token_id, pad is None or is_integer(pad) and pad >= 0, "a token id (an integer >= 0)")
+    check_arg("pad_token_id", pad_token_id, pad is None or is_integer(pad) and pad >= 0, "a token id (an integer >= 0)")
     return list(eos), (eos[0] if pad is None and eos else pad)
 
 
@@ -64,7 +64,7 @@ def check_prompt(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     if attention_mask is not None and getattr(attention_mask, "shape", None) != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(getattr(attention_mask, 'shape', ()))} must equal input_ids "
                          f"shape {tuple(input_ids.shape)}")
-    check("max_new_tokens", max_new_tokens, is_integer(max_new_tokens) and max_new_tokens >= 0, "an integer >= 0")
+    check_arg("max_new_tokens", max_new_tokens, is_integer(max_new_tokens) and max_new_tokens >= 0, "an integer >= 0")
     prompt_len = input_ids.shape[1]
     check_fits(model, prompt_len + max_new_tokens, what=f"the prompt ({prompt_len} tokens) + max_new_tokens")
     if attention_mask is None:

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from course_lib.checks import check, is_integer, is_number
+from course_lib.checks import check_arg, is_integer, is_number
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NEG_INF = -float("inf")
@@ -59,7 +59,7 @@ class _Truncation:
 
     def __init__(self, filter_value: float, min_tokens_to_keep: int):
         ok = is_integer(min_tokens_to_keep) and min_tokens_to_keep >= 1
-        check("min_tokens_to_keep", min_tokens_to_keep, ok, "an integer >= 1")
+        check_arg("min_tokens_to_keep", min_tokens_to_keep, ok, "an integer >= 1")
         self.filter_value = filter_value
         self.min_tokens_to_keep = min_tokens_to_keep
 
@@ -68,7 +68,7 @@ class Temperature:
     """Divide the logits by ``temperature``: < 1 sharpens, > 1 flattens. Matches ``TemperatureLogitsWarper``."""
 
     def __init__(self, temperature: float):
-        check("temperature", temperature, is_number(temperature) and temperature > 0,
+        check_arg("temperature", temperature, is_number(temperature) and temperature > 0,
                "a number > 0 (for T -> 0 use greedy decoding instead)")
         self.temperature = float(temperature)
 
@@ -84,7 +84,7 @@ class TopK(_Truncation):
     """
 
     def __init__(self, top_k: int, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
-        check("top_k", top_k, is_integer(top_k) and top_k >= 0, "an integer >= 0 (0 disables top-k)")
+        check_arg("top_k", top_k, is_integer(top_k) and top_k >= 0, "an integer >= 0 (0 disables top-k)")
         super().__init__(filter_value, min_tokens_to_keep)
         self.top_k = top_k
 
@@ -105,18 +105,21 @@ class TopP(_Truncation):
     """
 
     def __init__(self, top_p: float, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
-        check("top_p", top_p, is_number(top_p) and 0 < top_p <= 1, "a number in (0, 1] (1 keeps everything)")
+        check_arg("top_p", top_p, is_number(top_p) and 0 < top_p <= 1, "a number in (0, 1] (1 keeps everything)")
         super().__init__(filter_value, min_tokens_to_keep)
         self.top_p = float(top_p)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         check_scores(scores)
-        # Sorted from least to most likely, a token is dropped when it and everything below it hold at most
-        # 1 - top_p of the mass; the token that crosses the line then still counts as kept.
-        sorted_scores, order = torch.sort(scores, descending=False)  # (B, vocab) each
-        mass_up_to = sorted_scores.softmax(dim=-1).cumsum(dim=-1)  # (B, vocab)
-        drop_sorted = mass_up_to <= 1 - self.top_p
-        drop_sorted[:, -self.min_tokens_to_keep:] = False
+        if self.top_p == 1.0:  # keeps everything (summing the probabilities could round past 1 and cut the tail)
+            return scores
+        # Most likely first: a token is kept while the tokens ranked above it hold less than top_p of the mass,
+        # so the most likely token always stays, and so does the one that crosses top_p.
+        sorted_scores, order = torch.sort(scores, descending=True)  # (B, vocab) each
+        probs = sorted_scores.softmax(dim=-1)  # (B, vocab)
+        mass_before = probs.cumsum(dim=-1) - probs  # (B, vocab): the mass ranked above each token
+        drop_sorted = mass_before >= self.top_p
+        drop_sorted[:, : self.min_tokens_to_keep] = False
         drop = drop_sorted.scatter(1, order, drop_sorted)  # back to vocabulary order
         return scores.masked_fill(drop, self.filter_value)
 
@@ -128,7 +131,7 @@ class MinP(_Truncation):
     """
 
     def __init__(self, min_p: float, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
-        check("min_p", min_p, is_number(min_p) and 0 <= min_p <= 1, "a number in [0, 1] (0 keeps everything)")
+        check_arg("min_p", min_p, is_number(min_p) and 0 <= min_p <= 1, "a number in [0, 1] (0 keeps everything)")
         super().__init__(filter_value, min_tokens_to_keep)
         self.min_p = float(min_p)
 
@@ -149,7 +152,7 @@ class TypicalP(_Truncation):
     """
 
     def __init__(self, mass: float, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
-        check("typical_p", mass, is_number(mass) and 0 < mass < 1, "a number in (0, 1) (generate skips 1.0)")
+        check_arg("typical_p", mass, is_number(mass) and 0 < mass < 1, "a number in (0, 1) (generate skips 1.0)")
         super().__init__(filter_value, min_tokens_to_keep)
         self.mass = float(mass)
 
@@ -177,7 +180,7 @@ class RepetitionPenalty:
     """
 
     def __init__(self, penalty: float, ignore_first: int | torch.Tensor = 0):
-        check("penalty", penalty, is_number(penalty) and penalty > 0,
+        check_arg("penalty", penalty, is_number(penalty) and penalty > 0,
                "a number > 0 (1 = no penalty, > 1 discourages repeats, < 1 encourages them)")
         self.penalty = float(penalty)
         self.ignore_first = ignore_first
@@ -199,7 +202,7 @@ class FrequencyPresencePenalty:
 
     def __init__(self, frequency: float = 0.0, presence: float = 0.0, ignore_first: int | torch.Tensor = 0):
         for name, value in (("frequency_penalty", frequency), ("presence_penalty", presence)):
-            check(name, value, is_number(value) and -2 <= value <= 2, "a number in [-2, 2]")
+            check_arg(name, value, is_number(value) and -2 <= value <= 2, "a number in [-2, 2]")
         self.frequency = float(frequency)
         self.presence = float(presence)
         self.ignore_first = ignore_first
@@ -217,7 +220,7 @@ class NoRepeatNGram:
     """
 
     def __init__(self, ngram_size: int):
-        check("ngram_size", ngram_size, is_integer(ngram_size) and ngram_size >= 1, "an integer >= 1")
+        check_arg("ngram_size", ngram_size, is_integer(ngram_size) and ngram_size >= 1, "an integer >= 1")
         self.ngram_size = ngram_size
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

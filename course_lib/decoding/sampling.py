@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from course_lib.checks import check, is_integer
+from course_lib.checks import check_arg, is_integer
 from course_lib.decoding.loop import generate
 from course_lib.decoding.prepare import GenerateOutput, check_prompt
 from course_lib.decoding.processors import (
@@ -72,7 +72,7 @@ def sampling_processors(input_ids: torch.Tensor, attention_mask: torch.Tensor | 
 
 def seed_rng(seed: int | None) -> None:
     """Seed the global torch RNG (the one source of randomness of every course decoder); ``None`` leaves it."""
-    check("seed", seed, seed is None or is_integer(seed) and 0 <= seed < 2**64, "an integer in [0, 2**64) or None")
+    check_arg("seed", seed, seed is None or is_integer(seed) and 0 <= seed < 2**64, "an integer in [0, 2**64) or None")
     if seed is not None:
         torch.manual_seed(seed)
 

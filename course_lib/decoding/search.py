@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from course_lib.checks import check, is_integer, is_number
+from course_lib.checks import check_arg, is_integer, is_number
 from course_lib.decoding.beam import BeamConfig, StepRecord, beam_step, best_hypotheses, init_beams, search_done
 from course_lib.decoding.loop import generate, greedy_select
 from course_lib.decoding.prepare import GenerateOutput, Prepared, grow, prepare
@@ -43,13 +43,13 @@ class BeamSearchOutput(GenerateOutput):
 
 def check_beam_args(num_beams, num_return_sequences, length_penalty, early_stopping) -> None:
     """Clear errors for the beam settings transformers would refuse (or silently misuse)."""
-    check("num_beams", num_beams, is_integer(num_beams) and num_beams >= 1, "an integer >= 1")
-    check("num_return_sequences", num_return_sequences,
+    check_arg("num_beams", num_beams, is_integer(num_beams) and num_beams >= 1, "an integer >= 1")
+    check_arg("num_return_sequences", num_return_sequences,
           is_integer(num_return_sequences) and 1 <= num_return_sequences <= num_beams,
           f"an integer between 1 and num_beams={num_beams}: beam search only keeps num_beams hypotheses")
-    check("length_penalty", length_penalty, is_number(length_penalty),
+    check_arg("length_penalty", length_penalty, is_number(length_penalty),
           "a finite number (> 0 favours longer hypotheses, < 0 shorter ones)")
-    check("early_stopping", early_stopping, isinstance(early_stopping, bool) or early_stopping == "never",
+    check_arg("early_stopping", early_stopping, isinstance(early_stopping, bool) or early_stopping == "never",
           "True, False or 'never'")
 
 

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from course_lib.checks import check, is_integer, is_number
+from course_lib.checks import check_arg, is_integer, is_number
 from course_lib.decoding.prepare import GenerateOutput, append_and_stop, prepare
 from course_lib.decoding.processors import Processor, apply_processors
 from course_lib.decoding.sampling import seed_rng
@@ -78,16 +78,16 @@ def expected_speedup(alpha: float, k: int, c: float) -> float:
     one target forward. One step costs k*c + 1 target-forward units and yields ``expected_tokens_per_step``.
     """
     _check_alpha_k(alpha, k)
-    check("c", c, is_number(c) and c >= 0, "a number >= 0 (one draft forward's cost, in target forwards)")
+    check_arg("c", c, is_number(c) and c >= 0, "a number >= 0 (one draft forward's cost, in target forwards)")
     return expected_tokens_per_step(alpha, k) / (k * c + 1)
 
 
 def _check_k(k: int) -> None:
-    check("k", k, is_integer(k) and k >= 1, "an integer >= 1 (draft tokens per step)")
+    check_arg("k", k, is_integer(k) and k >= 1, "an integer >= 1 (draft tokens per step)")
 
 
 def _check_alpha_k(alpha: float, k: int) -> None:
-    check("alpha", alpha, is_number(alpha) and 0.0 <= alpha <= 1.0, "an acceptance rate in [0, 1]")
+    check_arg("alpha", alpha, is_number(alpha) and 0.0 <= alpha <= 1.0, "an acceptance rate in [0, 1]")
     _check_k(k)
 
 

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from course_lib.checks import check, is_integer, is_number
+from course_lib.checks import check_arg, is_integer, is_number
 
 Criterion = Callable[[torch.LongTensor, torch.Tensor], torch.BoolTensor]  # (ids (B, T), scores (B, vocab)) -> (B,)
 
@@ -36,7 +36,7 @@ class MaxNewTokens:
     """Done once ``max_new_tokens`` tokens follow the prompt of length ``prompt_len`` (all rows at once)."""
 
     def __init__(self, prompt_len: int, max_new_tokens: int):
-        check("max_new_tokens", max_new_tokens, is_integer(max_new_tokens) and max_new_tokens >= 0, "an integer >= 0")
+        check_arg("max_new_tokens", max_new_tokens, is_integer(max_new_tokens) and max_new_tokens >= 0, "an integer >= 0")
         self.max_length = prompt_len + max_new_tokens
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.BoolTensor:
@@ -49,7 +49,7 @@ class TimeLimit:
     (make it right before generating). Useful to bound latency; the output length then depends on speed."""
 
     def __init__(self, seconds: float):
-        check("seconds", seconds, is_number(seconds) and seconds > 0, "a number > 0 (the wall-clock budget)")
+        check_arg("seconds", seconds, is_number(seconds) and seconds > 0, "a number > 0 (the wall-clock budget)")
         self.seconds = seconds
         self.start = time.perf_counter()
 
@@ -67,7 +67,7 @@ class StopStrings:
     """
 
     def __init__(self, tokenizer, stop_strings: str | Sequence[str]):
-        check("stop_strings", stop_strings, isinstance(stop_strings, (str, list, tuple)),
+        check_arg("stop_strings", stop_strings, isinstance(stop_strings, (str, list, tuple)),
               "a string or a list of strings")
         strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
         if not strings:

@@ -10,7 +10,7 @@ kernel right now and prints one readable line per failure::
 
     check("q1")   # q1: all 3 tests passed
 
-A test never decides its own verdict: ``values.compare`` does, here and in the grader, which compares the
+A test never decides its own verdict: ``values.compare_values`` does, here and in the grader, which compares the
 result a submission returned (in its sandbox) with the expected result of the instructor's run.
 
 Plain text only, so it reads the same in JupyterLab, Colab and a grader's log.
@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from course_lib.grading.markers import STUB_MESSAGE
-from course_lib.grading.values import ValueTypeError, compare, decode, encode
+from course_lib.grading.values import ValueTypeError, compare_values, decode, encode
 
 _LIBRARY_DIRS = tuple({sysconfig.get_paths()[key] for key in ("stdlib", "purelib", "platlib")})
 _MAX_MESSAGE = 600
@@ -80,7 +80,7 @@ def test(question: str, hint: str = "", points: float = 1.0, *, expect: Any = _N
 
     The function calls the learner's code on inputs it chooses and returns the result as data (numbers,
     strings, tensors, lists and dicts of those); ``expect`` is the right result, or a no-argument function
-    that computes it. Floats are compared within ``atol``/``rtol`` (see ``values.compare``).
+    that computes it. Floats are compared within ``atol``/``rtol`` (see ``values.compare_values``).
 
     When grading, the function runs in the submission's sandbox and ``expect`` only in the instructor's run:
     keep reference implementations inside ``expect``, never in the rest of a tests cell. Give the learner's
@@ -153,7 +153,7 @@ def run_test(t: Test) -> Outcome:
         return outcome(str(exc))
     except (Exception, SystemExit) as exc:  # KeyboardInterrupt still stops a learner's endless loop
         return outcome(_describe(exc))
-    return outcome(compare(actual, expected, t.atol, t.rtol))
+    return outcome(compare_values(actual, expected, t.atol, t.rtol))
 
 
 def run_tests(question: str) -> list[Outcome]:

@@ -1,4 +1,4 @@
-"""The instructor's commands: ``exercises build`` and ``grade``; ``register`` adds them to any argparse CLI."""
+"""The instructor's commands: ``exercises build`` and ``grade``; ``register_grading_commands`` adds them to any argparse CLI."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _grade(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register_grading_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``exercises build`` and ``grade`` to a CLI's subcommands."""
     exercises = subparsers.add_parser("exercises", help="exercise notebooks for learners")
     actions = exercises.add_subparsers(dest="exercises_command", required=True)
@@ -78,6 +78,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m course_lib.grading``; the course CLI calls ``args.func(args)`` the same way."""
     parser = argparse.ArgumentParser(prog="python -m course_lib.grading", description=__doc__)
-    register(parser.add_subparsers(dest="command", required=True))
+    register_grading_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,7 +1,7 @@
 """Grading a folder of submitted notebooks against an exercise's source notebook.
 
 The instructor's run (``verify``) executes the source notebook, solutions and all tests, in the sandbox, and
-keeps what each test expects. Each submission then runs in its own sandbox (``sandbox.run``) on the same
+keeps what each test expects. Each submission then runs in its own sandbox (``sandbox.run_sandboxed``) on the same
 tests with ``expect=`` removed, and returns only the data its functions produced. This process, which never
 runs a submission's code, compares that data with the expected results and awards the points: the ones the
 source gives each test, once per test, whatever the submission reports. Every text in the feedback and the CSV
@@ -25,7 +25,7 @@ from pathlib import Path
 from course_lib.grading import sandbox
 from course_lib.grading.markers import hidden_blocks, is_check_cell, is_tests_cell, strip_hidden, student_notebook
 from course_lib.grading.submissions import Submission, code_cells, library_uses, read_folder
-from course_lib.grading.values import compare, decode
+from course_lib.grading.values import compare_values, decode
 
 _RUNNING = re.compile(r"^(code cell \d+|test \w+)$")
 
@@ -110,7 +110,7 @@ def verify(source: Path, limits: sandbox.Limits | None = None, use_sandbox: bool
     source, limits = Path(source), limits or sandbox.Limits(timeout=120.0)
     notebook, cells, tests_cells = _load_source(source)
     parts, visible = _test_parts(tests_cells, source)
-    run = sandbox.run([{"cells": cells}, *({"tests": p} for p in parts)], limits, sandbox=use_sandbox)
+    run = sandbox.run_sandboxed([{"cells": cells}, *({"tests": p} for p in parts)], limits, sandbox=use_sandbox)
     failures = [f"cell {e['cell_error']['cell']}: {e['cell_error']['error']}" for _, e in run.entries
                 if "cell_error" in e] + [f"tests cell: {e['tests_error']}" for _, e in run.entries if "tests_error" in e]
     tests = []
@@ -123,7 +123,7 @@ def verify(source: Path, limits: sandbox.Limits | None = None, use_sandbox: bool
             continue
         expected = decode(entry["expected"]["value"])
         result = entry["result"]
-        problem = (compare(decode(result["value"]), expected, t["atol"], t["rtol"]) if "value" in result
+        problem = (compare_values(decode(result["value"]), expected, t["atol"], t["rtol"]) if "value" in result
                    else f"raised {result.get('raised') or result.get('unsupported')}")
         if problem:
             failures.append(f"test {t['name']} of {t['question']}: {problem}")
@@ -174,7 +174,7 @@ def _verdict(test: RefTest, result: dict, trusted_text: bool) -> Verdict:
         except (ValueError, TypeError, OverflowError):
             verdict.message = "the result could not be read"
             return verdict
-        difference = compare(actual, test.expected, test.atol, test.rtol, show=not test.hidden)
+        difference = compare_values(actual, test.expected, test.atol, test.rtol, show=not test.hidden)
         verdict.passed, verdict.message = not difference, difference
     elif result.get("stub") is True:
         verdict.not_started, verdict.message = True, "not attempted: the code still raises NotImplementedError"
@@ -198,7 +198,7 @@ def _first_line(cell: str) -> str:
 def grade_submission(submission: Submission, reference: Reference, limits: sandbox.Limits) -> Graded:
     """Run one submission in its sandbox and decide every test of the reference here."""
     graded = Graded(submission.student, [Verdict(t) for t in reference.tests])
-    run = sandbox.run([{"cells": submission.cells}, *reference.submission_jobs], limits,
+    run = sandbox.run_sandboxed([{"cells": submission.cells}, *reference.submission_jobs], limits,
                       sandbox=reference.sandboxed)
     graded.seconds = run.seconds
     by_name = {(t.question, t.name): v for t, v in zip(reference.tests, graded.verdicts)}

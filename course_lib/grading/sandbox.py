@@ -1,6 +1,6 @@
 """The sandbox a submission runs in: bubblewrap, a seccomp filter, resource limits, and a capped channel out.
 
-``run(jobs, limits)`` starts ``runner.py`` inside ``bwrap`` and feeds it the jobs one at a time (the next only
+``run_sandboxed(jobs, limits)`` starts ``runner.py`` inside ``bwrap`` and feeds it the jobs one at a time (the next only
 after the runner reported the previous one done), reading its report lines with a size cap and a wall-clock
 deadline. Inside, the submission sees:
 
@@ -236,7 +236,7 @@ def _start(limits: Limits, sandbox: bool, workdir: str) -> tuple[subprocess.Pope
         raise
 
 
-def run(jobs: list[dict], limits: Limits, sandbox: bool = True) -> Run:
+def run_sandboxed(jobs: list[dict], limits: Limits, sandbox: bool = True) -> Run:
     """Run ``runner.py`` on ``jobs`` (sending job k+1 once job k is reported done) and collect its reports."""
     result, start = Run(), time.perf_counter()
     lines: queue.Queue = queue.Queue()

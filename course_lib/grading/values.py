@@ -2,7 +2,7 @@
 
 A test returns plain data: ``None``, booleans, numbers, strings, tensors, and lists, tuples or
 string-keyed dicts of those. ``encode`` turns that into JSON-ready data (never pickle), ``decode`` turns it back,
-and ``compare`` says in one sentence how a result differs from the expected one. The learner's ``check()`` and
+and ``compare_values`` says in one sentence how a result differs from the expected one. The learner's ``check()`` and
 the instructor's grader use the same three functions, so a test passes in the notebook exactly when it passes
 in grading.
 """
@@ -138,7 +138,7 @@ def _tensors(actual: torch.Tensor, expected: torch.Tensor, where: str, atol: flo
     return text
 
 
-def compare(actual: Any, expected: Any, atol: float | None = None, rtol: float | None = None,
+def compare_values(actual: Any, expected: Any, atol: float | None = None, rtol: float | None = None,
             show: bool = True, _where: str = "") -> str:
     """"" when ``actual`` matches ``expected``, else one sentence saying where and how it differs.
 
@@ -155,14 +155,14 @@ def compare(actual: Any, expected: Any, atol: float | None = None, rtol: float |
         if len(actual) != len(expected):
             return f"{where}has {len(actual)} items, expected {len(expected)}"
         for i, (a, e) in enumerate(zip(actual, expected)):
-            if message := compare(a, e, atol, rtol, show, f"{_where}[{i}]"):
+            if message := compare_values(a, e, atol, rtol, show, f"{_where}[{i}]"):
                 return message
         return ""
     if isinstance(expected, dict):
         if set(actual) != set(expected):
             return f"{where}has keys {sorted(actual)}, expected {sorted(expected)}"
         for key in expected:
-            if message := compare(actual[key], expected[key], atol, rtol, show, f"{_where}[{key!r}]"):
+            if message := compare_values(actual[key], expected[key], atol, rtol, show, f"{_where}[{key!r}]"):
                 return message
         return ""
     if isinstance(expected, float):
