@@ -2,7 +2,8 @@
 
 A criterion is any callable ``(input_ids (B, T), scores (B, vocab)) -> BoolTensor (B,)``, the same shape as
 ``transformers.StoppingCriteria``: ``scores`` are the processed scores of the step that just picked the last
-token. A row finishes when ANY criterion says so; generation ends when every row has finished.
+token (every course decoder passes them). A row finishes when ANY criterion says so; generation ends when every
+row has finished. The criteria below look at the ids only, so they can also be called on ids alone.
 
     stopping = [StopStrings(tokenizer, ["The end."]), TimeLimit(2.0), lambda ids, s: ids[:, -1] == period_id]
 """
@@ -28,7 +29,7 @@ class EosStop:
             raise ValueError("EosStop needs at least one end-of-sequence token id")
         self.eos_ids = torch.tensor(ids)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor | None = None) -> torch.BoolTensor:
         return torch.isin(input_ids[:, -1], self.eos_ids.to(input_ids.device))  # (B,)
 
 
@@ -39,7 +40,7 @@ class MaxNewTokens:
         check_arg("max_new_tokens", max_new_tokens, is_integer(max_new_tokens) and max_new_tokens >= 0, "an integer >= 0")
         self.max_length = prompt_len + max_new_tokens
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor | None = None) -> torch.BoolTensor:
         done = input_ids.shape[1] >= self.max_length
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
@@ -53,7 +54,7 @@ class TimeLimit:
         self.seconds = seconds
         self.start = time.perf_counter()
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor | None = None) -> torch.BoolTensor:
         done = time.perf_counter() - self.start > self.seconds
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
@@ -84,7 +85,7 @@ class StopStrings:
         before = len(self.tokenizer.decode(ids[:-1]))  # where the newest token's text starts
         return any(text.find(s, max(0, before - len(s) + 1)) != -1 for s in self.stop_strings)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor | None = None) -> torch.BoolTensor:
         rows = input_ids[:, -self.window:].tolist()
         return torch.tensor([self._row_done(r) for r in rows], dtype=torch.bool, device=input_ids.device)
 
