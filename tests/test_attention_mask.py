@@ -14,7 +14,7 @@ from course_lib.decoding import beam_search, contrastive_search, diverse_beam_se
 from course_lib.decoding.sampling import next_token_probs
 from course_lib.ensembles import Ensemble
 from course_lib.decoding.speculative import speculative_generate
-from course_lib.metrics import heldout_loss
+from course_lib.metrics import heldout_loss, perplexity
 from course_lib.train import make_optimizer, train_step
 from tiny_models import make_tiny_model
 
@@ -44,8 +44,11 @@ CASES = {
     "contrastive": lambda m: contrastive_search(m, BOS_PROMPT, max_new_tokens=4, eos_token_id=[]).sequences,
     "next-token probabilities": lambda m: next_token_probs(m, BOS_PROMPT),
     "ensemble, called directly": lambda m: Ensemble([m, m])(input_ids=BOS_PROMPT),
-    "ensemble, generating": lambda m: greedy_search(Ensemble([m, m]), BOS_PROMPT, max_new_tokens=3, eos_token_id=[]).sequences,
-    "speculative": lambda m: speculative_generate(m, make_tiny_model("gpt2", seed=1), BOS_PROMPT, 6, k=2),
+    "ensemble, generating": lambda m: greedy_search(Ensemble([m, m]), BOS_PROMPT, max_new_tokens=3,
+                                                    eos_token_id=[]).sequences,
+    "speculative": lambda m: speculative_generate(m, BOS_PROMPT, draft=make_tiny_model("gpt2", seed=1), k=2,
+                                                  max_new_tokens=6),
+    "perplexity": lambda m: perplexity(m, BOS_PROMPT[0]),
     "held-out loss": lambda m: heldout_loss(m, torch.tensor([0, 3, 4, 0, 5, 6, 0, 7, 8]), context=4),
     "training step": lambda m: train_step(m, make_optimizer(m, 1e-6, 0.0), BOS_PROMPT, BOS_PROMPT, 1e-6, bf16=False),
 }

@@ -224,7 +224,7 @@ def recorded_runs(monkeypatch, tmp_path) -> list[tuple]:
     monkeypatch.chdir(tmp_path)
     Path("tinystories-4mb.txt").write_text("Once upon a time.\n<|endoftext|>\n")
     runs = []
-    monkeypatch.setattr(train, "run", lambda *args: runs.append(args) or {"tokenizer": "written"})
+    monkeypatch.setattr(train, "train_preset", lambda *args: runs.append(args) or {"tokenizer": "written"})
     return runs
 
 

@@ -100,9 +100,9 @@ def test_bad_inputs(model, tokenizer):
         continuation_logprob(model, tokenizer, "Once", "")
     with pytest.raises(ValueError, match="2 prompts for 3 continuations"):
         continuation_logprobs(model, tokenizer, ["a", "b"], [" x", " y", " z"])
-    with pytest.raises(ValueError, match="continuations is empty"):
+    with pytest.raises(ValueError, match="continuations must be a string or a non-empty list"):
         continuation_logprobs(model, tokenizer, "a", [])
-    with pytest.raises(ValueError, match="prompt must be a str"):
+    with pytest.raises(ValueError, match="prompts must be a string or a non-empty list of strings"):
         next_token_distribution(model, tokenizer, [["Once"]])
     with pytest.raises(ValueError, match="max_new_tokens"):
         complete(model, tokenizer, "Once", max_new_tokens=-1)

@@ -113,7 +113,7 @@ def test_sample_select_follows_the_distribution():
 def test_next_token_probs_and_kept_counter(tiny_gpt2):
     ids = prompt(tiny_gpt2.config.vocab_size, batch=2)
     counter = KeptCounter()
-    probs = next_token_probs(tiny_gpt2, ids, [TopK(5), counter])
+    probs = next_token_probs(tiny_gpt2, ids, processors=[TopK(5), counter])
     torch.testing.assert_close(probs.sum(-1), torch.ones(2))
     assert (probs > 0).sum(-1).tolist() == [5, 5] and counter.counts[0].tolist() == [5, 5]
 

@@ -34,7 +34,7 @@ def test_playground_chart_shows_the_drawn_token_and_only_possible_ones(storytell
     model, tokenizer = storyteller
     playground(model, tokenizer, PROMPT, max_new_tokens=2, **settings)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    drawn = int(sample(model, ids, max_new_tokens=2, **settings)[0, ids.shape[1]])
+    drawn = int(sample(model, ids, max_new_tokens=2, **settings).sequences[0, ids.shape[1]])
     (figure,) = shown
     ax = figure.axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels()]
