@@ -140,8 +140,10 @@ class Scorer:
         each given the ids before it: (1, n, vocab) float32."""
         past = self.cache.get_seq_length()
         mask = None if self.mask is None else self.mask[:, : ids.shape[1]]
-        logits = forward(self.model, ids[:, past:], mask, self.cache, logits_to_keep=n).logits.float()
-        logits = logits.to(ids.device)  # (1, n, vocab)
+        logits = forward(self.model, ids[:, past:], mask, self.cache, logits_to_keep=n).logits
+        logits = logits.to(device=ids.device, dtype=torch.float32)  # (1, n, vocab)
+        if not processors:
+            return logits
         first = ids.shape[1] - n + 1  # the scores at position j follow ids[:, :first + j]
         return torch.stack([apply_processors(processors, ids[:, : first + j], logits[:, j]) for j in range(n)], 1)
 
@@ -154,15 +156,15 @@ class Scorer:
 
 def propose(guesser: Scorer, ids: torch.LongTensor, n: int, processors: Sequence[Processor],
             do_sample: bool) -> tuple[torch.LongTensor, torch.Tensor]:
-    """The draft model's ``n`` guesses after ``ids`` (1, L), one cheap forward each: tokens (1, n) and their
-    distributions q (1, n, vocab), both written into preallocated tensors."""
+    """The draft model's ``n`` guesses after ``ids`` (1, L), one cheap forward each: tokens (1, n) and the
+    processed scores they were chosen from (1, n, vocab), both written into preallocated tensors."""
     tokens = ids.new_zeros(1, n)  # (1, n)
-    q = torch.zeros(1, n, guesser.model.config.vocab_size, device=ids.device)  # (1, n, vocab)
+    chosen_from = torch.zeros(1, n, guesser.model.config.vocab_size, device=ids.device)  # (1, n, vocab)
     for i in range(n):
         scores = guesser.scores(torch.cat([ids, tokens[:, :i]], 1), 1, processors)[:, 0]  # (1, vocab)
-        q[:, i] = torch.softmax(scores, dim=-1)
-        tokens[:, i] = torch.multinomial(q[:, i], 1)[:, 0] if do_sample else scores.argmax(-1)
-    return tokens, q
+        chosen_from[:, i] = scores
+        tokens[:, i] = torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0] if do_sample else scores.argmax(-1)
+    return tokens, chosen_from
 
 
 @torch.inference_mode()
@@ -188,10 +190,11 @@ def speculative_generate(model, input_ids: torch.LongTensor, attention_mask: tor
         return SpeculativeOutput(ids, prompt_length, proposed, accepted, rejected, target_calls)
     while True:
         n_drafts = min(k, prompt_length + max_new_tokens - ids.shape[1] - 1)  # never draft past the budget
-        drafts, q = propose(guesser, ids, n_drafts, processors, do_sample)  # (1, n), (1, n, vocab)
+        drafts, draft_scores = propose(guesser, ids, n_drafts, processors, do_sample)  # (1, n), (1, n, vocab)
         scores = target.scores(torch.cat([ids, drafts], 1), n_drafts + 1, processors)  # (1, n + 1, vocab)
         if do_sample:
-            n_accepted, next_token = accept_sampling(drafts, q, torch.softmax(scores, dim=-1))
+            n_accepted, next_token = accept_sampling(drafts, torch.softmax(draft_scores, dim=-1),
+                                                     torch.softmax(scores, dim=-1))
         else:
             n_accepted, next_token = accept_greedy(drafts, scores)
         n = int(n_accepted)  # the one host sync per verification step: how many tokens to keep
