@@ -114,8 +114,7 @@ def decode_time_breakdown(step: Callable[[], Any], repeats: int = 20, threads: i
     too small to gain from a second thread, and with two, a kernel whose second thread is kept waiting by
     another program counts that wait as matmul time.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    check_arg("repeats", repeats, is_integer(repeats) and repeats >= 1, "an integer >= 1")
     check_arg("threads", threads, threads is None or is_integer(threads) and threads >= 1,
           "an integer >= 1, or None (torch's current setting)")
     previous = torch.get_num_threads()
