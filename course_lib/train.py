@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from course_lib.data import encode_stories, read_stories, split_stories
 from course_lib.decoding.steps import no_padding_mask
 from course_lib.devices import to_model_device
 from course_lib.metrics import heldout_loss
-from course_lib.models import ASSETS_DIR, EOS_TOKEN, TOKENIZER_DIR
+from course_lib.models import ASSETS_DIR, EOS_TOKEN, TOKENIZER_DIR, load_model
 SHIPPED_HELDOUT_STORIES = 60  # a small slice of held-out stories ships for quality checks in the notebooks
 
 
@@ -52,7 +52,8 @@ class TrainConfig:
     eval_every: int = 250
     seed: int = 1234
     bf16: bool = True
-    extra: dict = field(default_factory=dict)
+    teacher: str | None = None  # a bundled model to distil from: the loss becomes KL(teacher || student)
+    distill_temperature: float = 1.0  # softens both distributions (Hinton et al. 2015); the KL is scaled by T^2
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -60,6 +61,8 @@ PRESETS: dict[str, TrainConfig] = {
                                eval_every=500),
     "llama": TrainConfig(name="llama", arch="llama", n_layer=6, n_embd=192, n_head=6, steps=1500),
     "draft": TrainConfig(name="draft", arch="gpt2", n_layer=1, n_embd=128, n_head=2, steps=1500, lr=3e-3),
+    "draft_distilled": TrainConfig(name="draft_distilled", arch="gpt2", n_layer=1, n_embd=128, n_head=2, steps=1500,
+                                   lr=3e-3, teacher="storyteller"),
 }
 
 
@@ -148,17 +151,33 @@ def random_windows(ids: torch.Tensor, context: int, batch_size: int,
     return window[:, :-1], window[:, 1:]
 
 
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) per token, averaged, on distributions softened by ``temperature`` and scaled by
+    T^2 so that its gradients keep their size (Hinton et al. 2015, arXiv:1503.02531). Logits: (N, vocab)."""
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
 def train_step(model, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, lr: float,
-               bf16: bool = True) -> torch.Tensor:
-    """One optimizer step on the next-token loss of ``x`` -> ``y`` (B, T); returns the loss (detached)."""
+               bf16: bool = True, teacher=None, temperature: float = 1.0) -> torch.Tensor:
+    """One optimizer step on the next-token loss of ``x`` -> ``y`` (B, T), or, with a ``teacher`` model, on the KL
+    to its next-token distributions (distillation: soft targets instead of the one true next token). Returns
+    the loss (detached)."""
     x, y = to_model_device(model, x, y)
     model.train()
     for group in opt.param_groups:
         group["lr"] = lr
+    # the mask: the EOS between stories (also the pad id) is text, and without one transformers warns
+    mask = no_padding_mask(x)
     with torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-        # the mask: the EOS between stories (also the pad id) is text, and without one transformers warns
-        logits = model(input_ids=x, attention_mask=no_padding_mask(x)).logits  # (B, T, vocab)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        logits = model(input_ids=x, attention_mask=mask).logits  # (B, T, vocab)
+    if teacher is None:
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    else:
+        with torch.no_grad():
+            target = teacher(input_ids=x, attention_mask=mask).logits  # (B, T, vocab), fp32
+        loss = distill_loss(logits.flatten(0, 1), target.flatten(0, 1), temperature)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # frozen parameters (grad None) are skipped
@@ -166,8 +185,10 @@ def train_step(model, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tens
     return loss.detach()
 
 
-def train_model(cfg: TrainConfig, train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_size: int, eos_id: int):
-    """Train for ``cfg.steps`` steps on random windows of the training stream; returns (model, log)."""
+def train_model(cfg: TrainConfig, train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_size: int, eos_id: int,
+                teacher=None):
+    """Train for ``cfg.steps`` steps on random windows of the training stream (distilling from ``teacher`` if
+    given); returns (model, log)."""
     model = build_model(cfg, vocab_size, eos_id)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -176,7 +197,7 @@ def train_model(cfg: TrainConfig, train_ids: torch.Tensor, val_ids: torch.Tensor
     bar = tqdm(range(cfg.steps), desc=f"train {cfg.name}")
     for step in bar:
         x, y = random_windows(train_ids, cfg.context, cfg.batch_size, gen)
-        loss = train_step(model, opt, x, y, lr_at(step, cfg), cfg.bf16)
+        loss = train_step(model, opt, x, y, lr_at(step, cfg), cfg.bf16, teacher, cfg.distill_temperature)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             val, _ = heldout_loss(model, val_ids, cfg.context)
             log.append({"step": step + 1, "train_loss": round(loss.item(), 4), "val_loss": round(val, 4),
@@ -237,8 +258,9 @@ def train_preset(corpus: Path, preset: str, out_root: Path = ASSETS_DIR, steps: 
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     train_ids = encode_stories(tokenizer, train_stories)
     val_ids = encode_stories(tokenizer, val_stories)
+    teacher = None if cfg.teacher is None else load_model(out_root / "models" / cfg.teacher, device="cpu")[0]
     start = time.perf_counter()
-    model, log = train_model(cfg, train_ids, val_ids, len(tokenizer), tokenizer.eos_token_id)
+    model, log = train_model(cfg, train_ids, val_ids, len(tokenizer), tokenizer.eos_token_id, teacher)
     wall = time.perf_counter() - start
     val_loss, val_tokens = heldout_loss(model, val_ids, cfg.context)
     val_bytes = sum(len(s.encode("utf-8")) for s in val_stories) * val_tokens / len(val_ids)

@@ -26,8 +26,8 @@ import pytest
 import torch
 from torch import nn
 import course_lib
-from course_lib import batching, ensembles, finetune, measure, metrics, minigpt, prefix_cache, prompting, train
-from course_lib import widgets
+from course_lib import batching, ensembles, fastpath, finetune, measure, metrics, minigpt, prefix_cache, prompting, train
+from course_lib import paged_kv, serving, widgets
 from course_lib.decoding import contrastive, diverse, fast, loop, sampling, search, speculative, steps
 from course_lib.decoding.processors import RepetitionPenalty
 from course_lib.models import load_tokenizer
@@ -205,6 +205,7 @@ CASES: dict[str, Case] = {
         lambda s: prefix_cache.first_token_without_prefix_cache(s.mini, s.ids[:1, :2], s.ids[:1, 2:]), the_mini),
     "prefix_cache.generate_from_prefix": Case(
         lambda s: prefix_cache.generate_from_prefix(s.mini, _prefix_cache(s), s.ids[:1], 3), the_mini),
+    "fastpath.fast_greedy": Case(lambda s: fastpath.fast_greedy(s.mini, s.ids[:1], max_new_tokens=3), the_mini),
 }
 
 # Public callables that take a model but no token tensors, or that are exempt from the rule, and why.
@@ -239,6 +240,11 @@ NOT_ENTRY_POINTS: dict[str, str] = {
     "timing.compare": "its variants are callables that bring their own tensors, not models",
     "timing.weight_bytes": "no tokens: counts bytes",
     "train.make_optimizer": "no tokens: groups parameters",
+    "fastpath.lean_weights": "no tokens: reads the weights",
+    "serving.serve": "takes requests as token lists, not tensors: ragged_batch builds every tensor on the paged "
+                     "cache's device, which is the model's (test_ragged_batch_is_built_on_the_cache_device)",
+    "serving.transformers_serve": "takes token lists and hands them to transformers' continuous batching "
+                                  "manager, which places them itself",
 }
 
 
@@ -279,6 +285,13 @@ def test_results_come_back_on_the_model_device_without_a_forward(decode, setup):
     """Nothing to generate: the prompt itself is returned, already on the model's device."""
     out = decode(setup.model, setup.ids, setup.mask, max_new_tokens=0).sequences
     assert out.device == META and out.shape == setup.ids.shape
+
+
+def test_ragged_batch_is_built_on_the_cache_device():
+    cache = paged_kv.PagedKVCache(1, 2, 4, num_blocks=4, block_size=2, device=META)
+    cache.add(0)
+    batch = serving.ragged_batch(cache, [(0, [5, 6, 7])])
+    assert {t.device for t in vars(batch).values()} == {META}
 
 
 def test_static_cache_lives_on_the_model_device(setup):
