@@ -12,7 +12,7 @@ millisecond. So this file removes overhead, one kind at a time:
 - the course's ``StaticKVCache`` written in place with ``index_copy_`` at a position held in a tensor, attention
   over all its slots with a mask ``slot <= position``: every step has the same shapes, so a compiled step never
   recompiles;
-- ``decode_one_token``: one token through the model in a dozen operations per layer;
+- ``lean_forward``: tokens through the model in a dozen operations per layer (one token per row when decoding);
 - ``decode_tokens``: ``n`` greedy steps in one call, the argmax fed straight back in, so a compiled graph covers
   ``n`` tokens and pays the call overhead once;
 - no host sync in the loop: tokens are written into a preallocated output and never read by Python.
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from course_lib.checks import check_arg, is_integer
 from course_lib.decoding.prepare import GenerateOutput, prepare
+from course_lib.decoding.speculative import SpeculativeOutput
 from course_lib.decoding.steps import prefill
 from course_lib.kv_cache import StaticKVCache
 from course_lib.minigpt import ACTIVATIONS, MiniGPT
@@ -62,25 +63,27 @@ def lean_weights(model: MiniGPT) -> LeanWeights:
                        cfg.n_head, cfg.layer_norm_epsilon, ACTIVATIONS[cfg.activation_function])
 
 
-def decode_one_token(w: LeanWeights, keys: torch.Tensor, values: torch.Tensor, token: torch.Tensor,
-                     pos: torch.Tensor) -> torch.Tensor:
-    """Feed one token per row at position ``pos`` (1,), writing its keys/values into the static buffers
-    ``keys``/``values`` (L, B, heads, S, hd) in place. Returns the logits (B, vocab)."""
-    B, C = token.shape[0], w.wte.shape[1]
-    nh = w.n_head
-    x = (w.wte[token] + w.wpe[pos])[:, None]  # (B, 1, C)
-    visible = (torch.arange(keys.shape[3], device=pos.device) <= pos)[None]  # (1, S): the slots written so far
+def lean_forward(w: LeanWeights, keys: torch.Tensor, values: torch.Tensor, tokens: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+    """Feed ``tokens`` (B, T) at ``positions`` (T,), writing their keys/values into the static buffers
+    ``keys``/``values`` (L, B, heads, S, hd) in place. Returns the logits (B, T, vocab).
+
+    A token at position p sees the slots 0..p: the ones written before (the past) and its own. Slots after p
+    may hold stale keys of rejected guesses (speculative decoding); the mask hides them, so nothing is cropped.
+    """
+    (B, T), C, nh = tokens.shape, w.wte.shape[1], w.n_head
+    x = w.wte[tokens] + w.wpe[positions]  # (B, T, C)
+    visible = torch.arange(keys.shape[3], device=positions.device) <= positions[:, None]  # (T, S)
     for i, (ln1w, ln1b, qkvw, qkvb, projw, projb, ln2w, ln2b, fcw, fcb, outw, outb) in enumerate(w.layers):
         h = F.layer_norm(x, (C,), ln1w, ln1b, w.eps)
-        q, k, v = F.linear(h, qkvw, qkvb).view(B, 1, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, 1, hd)
-        keys[i].index_copy_(2, pos, k)  # the new token's key, in its slot: no allocation, no copy of the past
-        values[i].index_copy_(2, pos, v)
-        y = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=visible)  # (B, nh, 1, hd)
-        x = x + F.linear(y.transpose(1, 2).reshape(B, 1, C), projw, projb)
+        q, k, v = F.linear(h, qkvw, qkvb).view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
+        keys[i].index_copy_(2, positions, k)  # the new tokens' keys, in their slots: no allocation, no copy
+        values[i].index_copy_(2, positions, v)
+        y = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=visible)  # (B, nh, T, hd)
+        x = x + F.linear(y.transpose(1, 2).reshape(B, T, C), projw, projb)
         h = F.layer_norm(x, (C,), ln2w, ln2b, w.eps)
-        x = x + F.linear(F.gelu(F.linear(h, fcw, fcb), approximate=w.approximate), outw, outb)  # (B, 1, C)
-    x = F.layer_norm(x[:, 0], (C,), *w.ln_f, w.eps)  # (B, C)
-    return F.linear(x, w.wte)  # (B, vocab)
+        x = x + F.linear(F.gelu(F.linear(h, fcw, fcb), approximate=w.approximate), outw, outb)  # (B, T, C)
+    return F.linear(F.layer_norm(x, (C,), *w.ln_f, w.eps), w.wte)  # (B, T, vocab)
 
 
 def decode_tokens(w: LeanWeights, keys: torch.Tensor, values: torch.Tensor, token: torch.Tensor,
@@ -89,10 +92,10 @@ def decode_tokens(w: LeanWeights, keys: torch.Tensor, values: torch.Tensor, toke
     compiled ``decode_tokens`` is one graph for ``n`` tokens."""
     out = []
     for _ in range(n):
-        token = decode_one_token(w, keys, values, token, pos).argmax(dim=-1)  # (B,)
+        token = lean_forward(w, keys, values, token[:, None], pos)[:, -1].argmax(dim=-1)  # (B,)
         out.append(token)
         pos = pos + 1
-    return torch.stack(out, dim=1)  # (B, n)
+    return torch.stack(out, dim=1) if out else token.new_empty(token.shape[0], 0)  # (B, n)
 
 
 @functools.cache
@@ -138,3 +141,52 @@ def fast_greedy(model: MiniGPT, input_ids: torch.LongTensor, attention_mask: tor
         out[:, start + 1 : start + 1 + tokens_per_call] = step(w, cache.keys, cache.values, out[:, start],
                                                                pos + c * tokens_per_call, tokens_per_call)
     return GenerateOutput(out[:, : T + max_new_tokens])
+
+
+@torch.inference_mode()
+def fast_speculative(model: MiniGPT, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, *,
+                     draft: MiniGPT, k: int = 4, max_new_tokens: int) -> SpeculativeOutput:
+    """Greedy speculative decoding on the fast path: exactly the target's greedy tokens, one sequence (1, T + new).
+
+    Each round the draft makes ``k`` guesses with lean steps, the target checks them all in one ``lean_forward``
+    over k + 1 tokens, and the longest agreeing prefix plus the target's own next token are kept (gpt-fast's
+    loop). Both caches are static: a rejected guess needs no crop, its slot is overwritten later and the mask
+    hides it until then. One host sync per round, to count the accepted guesses.
+    """
+    check_arg("k", k, is_integer(k) and k >= 1, "an integer >= 1 (draft tokens per step)")
+    run = prepare(model, input_ids, attention_mask, max_new_tokens)
+    if run.attention_mask is not None or run.input_ids.shape[0] != 1:
+        raise ValueError("fast_speculative decodes one unpadded sequence: input_ids must be (1, T) without padding")
+    ids = run.input_ids
+    T = ids.shape[1]
+    check_fits(model, T + max_new_tokens + k, what=f"{T} prompt tokens + max_new_tokens + k={k} guesses")
+    out = torch.empty(1, T + max_new_tokens + k + 1, dtype=ids.dtype, device=ids.device)  # room for a last round
+    out[:, :T] = ids
+    stats = SpeculativeOutput(ids, T, 0, 0, 0, 0)
+    if max_new_tokens == 0:
+        return stats
+    models = [(lean_weights(m), StaticKVCache(len(m.h), 1, m.config.n_head, m.config.head_dim, T + max_new_tokens + k,
+                                              m.wte.weight.dtype, ids.device)) for m in (model, draft)]
+    (tw, tcache), (dw, dcache) = models
+    out[:, T] = prefill(model, ids, cache=tcache).argmax(dim=-1)  # the target's first token
+    prefill(draft, ids, cache=dcache)
+    n, draft_fed = T + 1, T  # tokens so far; the draft has read out[:, :draft_fed]
+    while n < T + max_new_tokens:
+        # the draft catches up on the tokens it has not read (1, or 2 after a round with every guess kept) ...
+        pending = torch.arange(draft_fed, n, device=ids.device)
+        guess = lean_forward(dw, dcache.keys, dcache.values, out[:, draft_fed:n], pending)[:, -1].argmax(-1)  # (1,)
+        guesses = torch.cat([guess[:, None], decode_tokens(dw, dcache.keys, dcache.values, guess,
+                                                           pending[-1:] + 1, k - 1)], dim=1)  # (1, k)
+        # ... and the target scores its last token and the k guesses in one forward
+        checked = torch.cat([out[:, n - 1 : n], guesses], dim=1)  # (1, k + 1)
+        choice = lean_forward(tw, tcache.keys, tcache.values, checked,
+                              torch.arange(n - 1, n + k, device=ids.device)).argmax(-1)  # (1, k + 1)
+        # accepted = length of the agreeing prefix: cumprod turns [1, 1, 0, 1] into [1, 1, 0, 0]
+        accepted = int((guesses == choice[:, :k]).long().cumprod(dim=1).sum())  # the host sync of the round
+        out[:, n : n + accepted + 1] = choice[:, : accepted + 1]  # the kept guesses, then the target's own token
+        stats.proposed, stats.accepted, stats.target_calls = stats.proposed + k, stats.accepted + accepted, stats.target_calls + 1
+        stats.rejected += accepted < k
+        draft_fed = n + min(accepted, k - 1)  # the draft read every guess but its last
+        n += accepted + 1
+    stats.sequences = out[:, : T + max_new_tokens]
+    return stats

@@ -206,6 +206,8 @@ CASES: dict[str, Case] = {
     "prefix_cache.generate_from_prefix": Case(
         lambda s: prefix_cache.generate_from_prefix(s.mini, _prefix_cache(s), s.ids[:1], 3), the_mini),
     "fastpath.fast_greedy": Case(lambda s: fastpath.fast_greedy(s.mini, s.ids[:1], max_new_tokens=3), the_mini),
+    "fastpath.fast_speculative": Case(
+        lambda s: fastpath.fast_speculative(s.mini, s.ids[1:], draft=s.mini, max_new_tokens=3), the_mini),
 }
 
 # Public callables that take a model but no token tensors, or that are exempt from the rule, and why.
