@@ -225,6 +225,39 @@ def throughput_latency(batch_sizes, tokens_per_s, latency_s, ax=None, title: str
     return ax
 
 
+def batch_occupancy(occupancy: list[list[int | None]], ax=None, title: str | None = None):
+    """Which request runs in each place of the batch at each step: one row per place, one colour per request,
+    white where the place is idle. ``occupancy``: per step, the request id in each place (None = idle)."""
+    ax = _axes(ax, figsize=(7, 0.4 * len(occupancy[0]) + 1.2))
+    grid = torch.tensor([[-1 if r is None else r for r in places] for places in occupancy]).T  # (places, steps)
+    shown = grid.float().masked_fill(grid < 0, float("nan"))
+    cmap = plt.get_cmap("tab20").copy()
+    cmap.set_bad("white")
+    ax.imshow((shown % 20).numpy(), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=19)
+    idle = (grid < 0).float().mean().item()
+    ax.set_xlabel("decode step")
+    ax.set_ylabel("batch place")
+    ax.set_yticks(range(grid.shape[0]))
+    ax.set_title(title or f"batch occupancy: {idle:.0%} of the places idle (white)")
+    ax.figure.tight_layout()
+    return ax
+
+
+def paged_memory(paged_bytes: list[int], padded_bytes: int, ax=None, title: str | None = None):
+    """KV memory per step: the blocks a paged cache holds (a line) against a padded cache reserved up front for
+    every place at the longest request's length (a flat line)."""
+    ax = _axes(ax)
+    ax.plot([b / 2**20 for b in paged_bytes], color="tab:blue", label="paged: blocks in use")
+    ax.axhline(padded_bytes / 2**20, color="tab:red", linestyle="--", label="padded: reserved for the longest")
+    ax.set_xlabel("decode step")
+    ax.set_ylabel("KV cache (MiB)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title or "KV memory: paged blocks follow the tokens held")
+    ax.legend(fontsize=8)
+    ax.figure.tight_layout()
+    return ax
+
+
 def time_breakdown(parts: dict[str, float], ax=None, title: str | None = None):
     """One horizontal stacked bar: milliseconds per call spent in each part (e.g. matmuls vs the rest)."""
     ax = _axes(ax, figsize=(7, 1.8))

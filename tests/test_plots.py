@@ -82,3 +82,19 @@ def test_next_token_bars_add_the_highlighted_token_with_its_rank():
     assert len(shown) == 13 and [label for label, _, _ in shown[:12]] == [f"t{i}" for i in range(12)]
     assert shown[-1] == ("t30 (#31)", pytest.approx(probs[30].item()), True)
     assert sum(is_orange for _, _, is_orange in shown) == 1
+
+
+def test_batch_occupancy_draws_each_place_and_leaves_idle_places_white():
+    ax = plots.batch_occupancy([[0, 1], [0, None], [2, None]])
+    image = ax.images[0].get_array()  # (places, steps)
+    assert image.shape == (2, 3)
+    assert image.mask.tolist() == [[False, False, False], [False, True, True]]  # NaN = idle = white
+    assert image[0].tolist() == [0, 0, 2] and "33% of the places idle" in ax.get_title()
+    plt.close(ax.figure)
+
+
+def test_paged_memory_plots_blocks_in_use_against_the_padded_reservation():
+    ax = plots.paged_memory([2**20, 3 * 2**20, 2**20], padded_bytes=8 * 2**20)
+    assert list(ax.lines[0].get_ydata()) == [1.0, 3.0, 1.0]
+    assert list(ax.lines[1].get_ydata()) == [8.0, 8.0]
+    plt.close(ax.figure)
