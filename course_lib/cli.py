@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from course_lib.bench import SECTIONS
 from course_lib.colab import register_notebook_commands
 from course_lib.grading.cli import register_grading_commands
 
@@ -133,28 +134,19 @@ def execute(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    """Load time, and new tokens/s of the storyteller with and without the KV cache."""
-    from course_lib.devices import describe_environment, model_device, seed_everything
-    from course_lib.models import ContextLengthError, check_fits, load_model
-    from course_lib.timing import compare
+    """The benchmark suite (course_lib.bench): one markdown report on stdout, a progress bar on stderr."""
+    from dataclasses import replace
 
-    print(describe_environment(args.device))
-    start = time.perf_counter()
-    model, tokenizer = load_model(args.model, device=args.device)
-    print(f"load {args.model}: {time.perf_counter() - start:.2f} s")
-    seed_everything(0)
-    inputs = tokenizer(["Once upon a time"], return_tensors="pt").to(model_device(model))
+    from course_lib.bench import QUICK, Settings, run_suite
+    from course_lib.models import ContextLengthError
+
+    settings = QUICK if args.quick else Settings()
+    overrides = {k: v for k, v in dict(new_tokens=args.new_tokens, repeats=args.repeats).items() if v is not None}
     try:
-        check_fits(model, inputs.input_ids.shape[1] + args.new_tokens, "the prompt plus --new-tokens")
+        print(run_suite(replace(settings, **overrides), args.device, args.sections))
     except ContextLengthError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-    table = compare({
-        "no KV cache": lambda: model.generate(**inputs, **settings, use_cache=False),
-        "KV cache": lambda: model.generate(**inputs, **settings, use_cache=True),
-    }, new_tokens=args.new_tokens, repeats=args.repeats, device=model_device(model))
-    print(table.to_markdown())
     return 0
 
 
@@ -178,11 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="executed", help="folder for executed copies (default: executed/)")
     p.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell")
     p.set_defaults(func=execute)
-    p = sub.add_parser("bench", help="tokens/s with and without the KV cache")
-    p.add_argument("--model", default="storyteller")
+    p = sub.add_parser("bench", help="the benchmark suite: KV cache, fast path, batching, serving, speculative, quantized")
+    p.add_argument("--quick", action="store_true", help="fewer tokens, repeats and requests (about a minute)")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS, metavar="SECTION",
+                   help=f"sections to run (default: all): {', '.join(SECTIONS)}")
     p.add_argument("--device", default=None)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, help="new tokens per timed generation (default 240, --quick 64)")
+    p.add_argument("--repeats", type=int, help="timed runs per variant (default 5, --quick 2)")
     p.set_defaults(func=bench)
     # train's own parser (course_lib.train.main) reads every argument after "train", -h included; main() hands
     # them over (an argparse.REMAINDER positional would refuse a first argument that starts with "--").

@@ -1,0 +1,190 @@
+"""``course bench``: the course's benchmark suite in one run, printed as one markdown report.
+
+    course bench            # the full suite (about 10 minutes on 2 CPU cores)
+    course bench --quick    # fewer tokens, repeats and requests (about a minute)
+
+Each section times its variants side by side in one interleaved run (``course_lib.timing.compare``): ratios
+are fastest run over fastest run, medians show what a typical run paid. Every fast variant is checked to give
+the same tokens as its baseline before it is timed. The first line names the machine, so tables from different
+machines can be told apart.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from course_lib.checks import check_arg
+from course_lib.devices import device_name, get_device
+from course_lib.timing import Comparison, compare
+
+if TYPE_CHECKING:
+    from course_lib.minigpt import MiniGPT
+
+# The decoders, models and servers are imported inside run_suite: `course --help` (which reads SECTIONS) stays
+# fast, without loading transformers.
+
+SECTIONS = ("kv-cache", "fast-path", "batching", "serving", "speculative", "quantized")
+
+
+@dataclass(frozen=True)
+class Settings:
+    new_tokens: int = 240
+    repeats: int = 5
+    batch: int = 16  # the "batching" section's large batch
+    requests: int = 64  # the "serving" workload
+    max_new: int = 200  # its longest output
+    max_batch: int = 8  # places in a serving batch
+    tokens_per_call: int = 8  # the compiled fast path's tokens per call
+
+
+QUICK = Settings(new_tokens=64, repeats=2, batch=8, requests=16, max_new=64, max_batch=4)
+
+
+def machine_line(device: torch.device) -> str:
+    """CPU model, cores, threads, torch version, the device and the dtype: the facts a reader needs to compare."""
+    return (f"machine: {device_name('cpu')}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads | "
+            f"torch {torch.__version__} | device {device} ({device_name(device)}) | float32")
+
+
+def ticking(variants: dict[str, Callable], bar) -> dict[str, Callable]:
+    """The same variants, each advancing the progress bar when it returns."""
+    def tick(fn):
+        def run():
+            out = fn()
+            bar.update()
+            return out
+        return run
+    return {name: tick(fn) for name, fn in variants.items()}
+
+
+def checked(variants: dict[str, Callable], reference: torch.Tensor) -> dict[str, Callable]:
+    """Refuse to time a variant whose tokens differ from the baseline's (each returns (B, T + new) ids)."""
+    for name, fn in variants.items():
+        out = fn()
+        if not torch.equal(out, reference[:, : out.shape[1]]):
+            raise AssertionError(f"bench: {name!r} does not give the baseline's tokens")
+    return variants
+
+
+def section(title: str, table: Comparison, notes: str = "") -> str:
+    return f"### {title}\n\n{table.to_markdown()}\n" + (f"\n{notes}\n" if notes else "")
+
+
+def run_suite(settings: Settings = Settings(), device: str | None = None, sections=SECTIONS) -> str:
+    """Run the chosen ``sections`` and return the report (markdown)."""
+    from course_lib.decoding import greedy_no_sync, greedy_search, speculative_generate
+    from course_lib.fastpath import fast_greedy, fast_speculative
+    from course_lib.minigpt import MiniGPT
+    from course_lib.models import check_fits, load_model
+    from course_lib.quantize import quantize
+
+    unknown = [name for name in sections if name not in SECTIONS]
+    check_arg("sections", unknown or sections, not unknown and len(sections) > 0, f"names among {', '.join(SECTIONS)}")
+    dev = get_device(device)
+    hf, tokenizer = load_model("storyteller", device=dev)
+    draft_hf, _ = load_model("draft", device=dev)
+    target, draft = MiniGPT.from_hf(hf), MiniGPT.from_hf(draft_hf)
+    ids = tokenizer("Once upon a time, a little fox", return_tensors="pt").input_ids.to(dev)  # (1, 8)
+    mask = torch.ones_like(ids)
+    n, reps = settings.new_tokens, settings.repeats
+    check_fits(hf, ids.shape[1] + n + 4, what=f"the prompt ({ids.shape[1]} tokens) + new_tokens + 4 guesses")
+    greedy = dict(attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None)  # exactly n tokens
+    reference = hf.generate(ids, **greedy)
+    parts = [f"# course bench ({time.strftime('%Y-%m-%d')})", "", machine_line(dev), ""]
+    bar = tqdm(desc="course bench", unit="run", total=0)
+
+    def timed(variants, **kw) -> Comparison:
+        bar.total += len(variants) * (reps + 1)
+        bar.refresh()
+        return compare(ticking(variants, bar), repeats=reps, device=dev, **kw)
+
+    if "kv-cache" in sections:
+        table = timed({"no KV cache": lambda: hf.generate(ids, **greedy, use_cache=False),
+                       "KV cache": lambda: hf.generate(ids, **greedy)}, new_tokens=n)
+        parts.append(section(f"KV cache: storyteller, batch 1, {n} new tokens", table))
+    if "fast-path" in sections:
+        start = time.perf_counter()
+        fast_greedy(target, ids, max_new_tokens=n, compile=True, tokens_per_call=settings.tokens_per_call)
+        compile_s = time.perf_counter() - start
+        tpc = settings.tokens_per_call
+        variants = checked({
+            "generate()": lambda: hf.generate(ids, **greedy),
+            "course loop (greedy_search, transformers model)": lambda: greedy_search(
+                hf, ids, max_new_tokens=n, eos_token_id=[]).sequences,
+            "MiniGPT, no host sync, static cache": lambda: greedy_no_sync(target, ids, max_new_tokens=n,
+                                                                         cache="static").sequences,
+            "lean step": lambda: fast_greedy(target, ids, max_new_tokens=n).sequences,
+            f"lean step, {tpc} tokens per call": lambda: fast_greedy(target, ids, max_new_tokens=n,
+                                                                     tokens_per_call=tpc).sequences,
+            f"compiled, {tpc} tokens per call": lambda: fast_greedy(target, ids, max_new_tokens=n, compile=True,
+                                                                    tokens_per_call=tpc).sequences,
+        }, reference)
+        parts.append(section(f"Fast path: storyteller, batch 1, {n} new tokens, identical greedy tokens",
+                             timed(variants, new_tokens=n), f"Compiling took {compile_s:.1f} s (not in the times)."))
+    if "batching" in sections:
+        rows = ids.expand(settings.batch, -1)
+        table = timed({"batch 1": lambda: greedy_no_sync(target, ids, max_new_tokens=n).sequences,
+                       f"batch {settings.batch}": lambda: greedy_no_sync(target, rows, max_new_tokens=n).sequences},
+                      new_tokens={"batch 1": n, f"batch {settings.batch}": settings.batch * n})
+        parts.append(section(f"Batching: MiniGPT, {n} new tokens per row (tokens/s counts every row)", table))
+    if "serving" in sections:
+        parts.append(serving_section(target, hf, tokenizer, settings, bar))
+    if "speculative" in sections:
+        variants = checked({
+            "target alone, generate()": lambda: hf.generate(ids, **greedy),
+            "target alone, lean step": lambda: fast_greedy(target, ids, max_new_tokens=n).sequences,
+            "speculative, course loop, k=4": lambda: speculative_generate(
+                target, ids, draft=draft, k=4, max_new_tokens=n, eos_token_id=[]).sequences,
+            "speculative, lean steps, k=4": lambda: fast_speculative(target, ids, draft=draft, k=4,
+                                                                    max_new_tokens=n).sequences,
+        }, reference)
+        spec = fast_speculative(target, ids, draft=draft, k=4, max_new_tokens=n)
+        parts.append(section(f"Speculative decoding: storyteller + draft, {n} new tokens, identical greedy tokens",
+                             timed(variants, new_tokens=n),
+                             f"Lean steps, k=4: acceptance rate {spec.acceptance_rate:.3f}, "
+                             f"{spec.tokens_per_target_call:.2f} tokens per target forward."))
+    if "quantized" in sections:
+        int8 = quantize(hf, bits=8)
+        table = timed({"fp32": lambda: hf.generate(ids, **greedy), "int8 weights": lambda: int8.generate(ids, **greedy)},
+                      new_tokens=n)
+        parts.append(section(f"Quantized weights: storyteller, generate(), {n} new tokens", table))
+    bar.close()
+    return "\n".join(parts)
+
+
+def serving_section(target: MiniGPT, hf, tokenizer, s: Settings, bar) -> str:
+    """One run of each serving policy on the same workload (too long to repeat); every output checked."""
+    from course_lib.kv_cache import kv_cache_bytes
+    from course_lib.serving import make_workload, serve, transformers_serve
+
+    requests = make_workload(tokenizer, n=s.requests, max_new=s.max_new, seed=0)
+    bar.total += 4
+    results = []
+    for policy in ("one-at-a-time", "static", "continuous"):
+        results.append(serve(target, requests, max_batch=s.max_batch, policy=policy))
+        bar.update()
+    results.append(transformers_serve(hf, requests, max_batch=s.max_batch))
+    bar.update()
+    alone = results[0].outputs
+    base = next(r for r in results if r.policy == "static").tokens_per_s
+    cfg = target.config
+    padded = kv_cache_bytes(cfg.n_layer, cfg.n_head, cfg.head_dim,
+                            max(len(r.prompt) + r.max_new_tokens for r in requests), s.max_batch)
+    lines = [f"### Serving: {len(requests)} requests, outputs {min(r.max_new_tokens for r in requests)}-"
+             f"{max(r.max_new_tokens for r in requests)} tokens, at most {s.max_batch} at once", "",
+             "| policy | new tokens/s | vs static | mean latency s | p95 latency s | same tokens as one at a time |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        same = sum(r.outputs[i] == alone[i] for i in alone)
+        lines.append(f"| {r.policy} | {r.tokens_per_s:.0f} | {r.tokens_per_s / base:.2f}x | {r.mean_latency_s:.2f} | "
+                     f"{r.p95_latency_s:.2f} | {same}/{len(alone)} |")
+    paged = max(results[2].kv_bytes)
+    lines += ["", f"KV memory, continuous batching: at most {paged / 2**20:.1f} MiB of paged blocks in use, against "
+                  f"{padded / 2**20:.1f} MiB for a cache padded to the longest request in every place.", ""]
+    return "\n".join(lines)
