@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,20 @@ def lean_forward(w: LeanWeights, keys: torch.Tensor, values: torch.Tensor, token
         h = F.layer_norm(x, (C,), ln2w, ln2b, w.eps)
         x = x + F.linear(F.gelu(F.linear(h, fcw, fcb), approximate=w.approximate), outw, outb)  # (B, T, C)
     return F.linear(F.layer_norm(x, (C,), *w.ln_f, w.eps), w.wte)  # (B, T, vocab)
+
+
+def matmuls_only(w: LeanWeights) -> Callable[[], torch.Tensor]:
+    """One token's matrix products and nothing else: every weight matrix of ``w`` read once, as a decode step
+    reads them, without attention, norms, activations or Python between the layers. Time it for the floor
+    under any decode step that reads these fp32 weights with these kernels."""
+    C = w.wte.shape[1]
+    x, h = w.wte.new_zeros(1, C), w.wte.new_zeros(1, 4 * C)  # (1, C), (1, 4C): the shapes of one token
+
+    def step() -> torch.Tensor:
+        for _, _, qkvw, qkvb, projw, projb, _, _, fcw, fcb, outw, outb in w.layers:
+            F.linear(x, qkvw, qkvb), F.linear(x, projw, projb), F.linear(x, fcw, fcb), F.linear(h, outw, outb)
+        return F.linear(x, w.wte)  # (1, vocab): the LM head, the largest matrix
+    return step
 
 
 def decode_tokens(w: LeanWeights, keys: torch.Tensor, values: torch.Tensor, token: torch.Tensor,
