@@ -258,7 +258,10 @@ def train_preset(corpus: Path, preset: str, out_root: Path = ASSETS_DIR, steps: 
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     train_ids = encode_stories(tokenizer, train_stories)
     val_ids = encode_stories(tokenizer, val_stories)
-    teacher = None if cfg.teacher is None else load_model(out_root / "models" / cfg.teacher, device="cpu")[0]
+    teacher = None
+    if cfg.teacher is not None:  # the bundled teacher, or the one trained into out_root
+        source = cfg.teacher if out_root == ASSETS_DIR else str(out_root / "models" / cfg.teacher)
+        teacher = load_model(source, device="cpu")[0]
     start = time.perf_counter()
     model, log = train_model(cfg, train_ids, val_ids, len(tokenizer), tokenizer.eos_token_id, teacher)
     wall = time.perf_counter() - start
