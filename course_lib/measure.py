@@ -1,5 +1,5 @@
 """Measuring generation: where the time of a decode step goes, what a cache or a batch buys, what a model
-variant costs, what compiling costs. Built on the course timer (``course_lib.timing``).
+variant costs. Built on the course timer (``course_lib.timing``).
 
     costs = cost_per_token(model, ids, positions=[32, 64, 128])      # one token, with and without a KV cache
     table = report({"fp32": model, "int8": quantize(model)}, heldout, ids)
@@ -145,19 +145,6 @@ def copy_bandwidth_gbs(n_bytes: int = 2**28, repeats: int = 5) -> float:
     dst = torch.empty_like(src)
     result = benchmark(lambda: dst.copy_(src), name="copy", repeats=repeats, bytes_moved=2 * src.nbytes)
     return result.gb_per_s
-
-
-def compile_model(model: nn.Module, warmup: Callable[[nn.Module], Any], **compile_options
-                  ) -> tuple[nn.Module, float]:
-    """``torch.compile(model)``, then one ``warmup(compiled)`` call; returns (compiled, seconds of that call).
-
-    Compilation happens lazily at the first call (and again for each new input shape), so the warm-up
-    seconds ARE the compile cost: report them apart from the steady-state timings.
-    """
-    compiled = torch.compile(model, **compile_options)
-    start = time.perf_counter()
-    warmup(compiled)
-    return compiled, time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------- what a cache and a batch buy

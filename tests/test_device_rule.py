@@ -238,7 +238,6 @@ NOT_ENTRY_POINTS: dict[str, str] = {
     "prune.magnitude_prune": "no tokens: copies the weights",
     "prune.weight_sparsity": "no tokens: counts zeros",
     "prune.drop_layers": "no tokens: copies the model",
-    "measure.compile_model": "no tokens: the warm-up callable brings its own",
     "timing.compare": "its variants are callables that bring their own tensors, not models",
     "timing.weight_bytes": "no tokens: counts bytes",
     "train.make_optimizer": "no tokens: groups parameters",

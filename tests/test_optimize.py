@@ -11,7 +11,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from course_lib.data import heldout_stories
-from course_lib.measure import compile_model, decode_time_breakdown, repeatable_decode_step, report
+from course_lib.measure import decode_time_breakdown, repeatable_decode_step, report
 from course_lib.prune import drop_layers, magnitude_prune, transformer_blocks, weight_sparsity
 from course_lib.quantize import (QuantizedLinear, dequantize_rows, pack_int4, quantize, quantize_rows, unpack_int4,
                                  with_precision)
@@ -190,23 +190,6 @@ def test_time_breakdown_prints_nothing_on_stderr():
                          env={k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"})
     assert run.returncode == 0, run.stderr
     assert run.stderr == "", f"a learner would see this in pink under the cell: {run.stderr!r}"
-
-
-def test_compile_model_times_the_first_call_of_the_compiled_model(tiny_gpt2):
-    calls = []
-
-    def warmup(m):  # the first call, which compiles; the sleep shows its time is what comes back
-        time.sleep(0.05)
-        calls.append((m, m(IDS).logits))
-
-    compiled, seconds = compile_model(tiny_gpt2, warmup, backend="eager")
-    assert len(calls) == 1 and calls[0][0] is compiled and compiled is not tiny_gpt2
-    start = time.perf_counter()
-    compiled(IDS)
-    steady = time.perf_counter() - start
-    assert seconds >= 0.05 + steady  # the sleep plus at least one (traced) forward
-    assert torch.allclose(calls[0][1], tiny_gpt2(IDS).logits)
-    assert torch.allclose(compiled(IDS).logits, tiny_gpt2(IDS).logits)
 
 
 def test_int8_storyteller_meets_the_course_target(storyteller):
