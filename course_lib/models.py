@@ -29,6 +29,7 @@ BUNDLED_MODELS: dict[str, str] = {
     "storyteller": "GPT-2 architecture, 6 layers, the course's main model",
     "llama": "Llama architecture (RoPE, RMSNorm, SwiGLU), similar size, for ensembles",
     "draft": "GPT-2 architecture, 1 layer, several times cheaper: the draft for speculative decoding",
+    "draft_distilled": "the draft's size, distilled from the storyteller: a draft that agrees with it more often",
 }
 
 DTYPES = {
