@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from course_lib.checks import check_arg, is_integer
 from course_lib.data import encode_prompt, heldout_stories
 from course_lib.fastpath import LeanWeights, lean_weights
+from course_lib.minigpt import MiniGPT
 from course_lib.paged_kv import PagedKVCache
 
 POLICIES = ("one-at-a-time", "static", "continuous")
@@ -140,22 +141,24 @@ class ServeResult:
 
 
 @torch.inference_mode()
-def serve(model, requests: list[Request], *, max_batch: int, policy: str = "continuous", block_size: int = 16,
-          num_blocks: int | None = None) -> ServeResult:
+def serve(model: MiniGPT | None, requests: list[Request], *, max_batch: int, policy: str = "continuous",
+          block_size: int = 16, num_blocks: int | None = None) -> ServeResult:
     """Run every request greedily under ``policy`` with at most ``max_batch`` running at once.
 
     ``num_blocks`` (default: enough for ``max_batch`` of the longest request) sizes the paged cache; a real
     server with fewer blocks would preempt a request, here a full pool raises ``CacheFullError``.
+    ``model=None`` runs the scheduler alone (no cache, every token 0): a policy's steps and occupancy, free.
     """
     check_arg("policy", policy, policy in POLICIES, f"one of {', '.join(map(repr, POLICIES))}")
     check_arg("max_batch", max_batch, is_integer(max_batch) and max_batch >= 1, "an integer >= 1")
     if policy == "one-at-a-time":
         max_batch = 1
-    w = lean_weights(model)
-    longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
-    num_blocks = num_blocks or max_batch * -(-longest // block_size)
-    cache = PagedKVCache(len(w.layers), w.n_head, w.wte.shape[1] // w.n_head, num_blocks, block_size,
-                         w.wte.dtype, w.wte.device)
+    w, cache = None, None
+    if model is not None:
+        w = lean_weights(model)
+        longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
+        cache = PagedKVCache(len(w.layers), w.n_head, w.wte.shape[1] // w.n_head,
+                             num_blocks or max_batch * -(-longest // block_size), block_size, w.wte.dtype, w.wte.device)
     waiting, slots = deque(requests), [None] * max_batch  # slots: the request running in each batch place
     result = ServeResult(policy, max_batch, {r.id: [] for r in requests}, {}, 0.0)
     start = time.perf_counter()
@@ -164,19 +167,22 @@ def serve(model, requests: list[Request], *, max_batch: int, policy: str = "cont
             for place in range(max_batch):
                 if slots[place] is None and waiting:
                     slots[place] = waiting.popleft()
-                    cache.add(slots[place].id)
+                    if cache is not None:
+                        cache.add(slots[place].id)
         running = [r for r in slots if r is not None]
         batch = [(r.id, list(r.prompt) if not result.outputs[r.id] else result.outputs[r.id][-1:]) for r in running]
-        next_tokens = ragged_forward(w, cache, ragged_batch(cache, batch)).tolist()  # the scheduler reads them
+        # the scheduler reads the tokens (a host sync per step), to feed each one back at the next step
+        next_tokens = [0] * len(batch) if w is None else ragged_forward(w, cache, ragged_batch(cache, batch)).tolist()
         for r, token in zip(running, next_tokens):
             result.outputs[r.id].append(token)
-        result.kv_bytes.append(cache.used_bytes)
+        result.kv_bytes.append(0 if cache is None else cache.used_bytes)
         now = time.perf_counter() - start
         result.occupancy.append([None if r is None else r.id for r in slots])
         for place, r in enumerate(slots):
             if r is not None and len(result.outputs[r.id]) == r.max_new_tokens:
                 result.finish_s[r.id] = now
-                cache.free(r.id)
+                if cache is not None:
+                    cache.free(r.id)
                 slots[place] = None
     result.seconds = time.perf_counter() - start
     return result
@@ -184,20 +190,27 @@ def serve(model, requests: list[Request], *, max_batch: int, policy: str = "cont
 
 def transformers_serve(model, requests: list[Request], *, max_batch: int, page_size: int = 16) -> ServeResult:
     """The same requests through transformers' own continuous batching (a paged cache, a scheduler and a
-    background generation thread: ``model.continuous_batching_context_manager``), greedy, no EOS stop."""
+    background generation thread: ``model.continuous_batching_context_manager``), greedy, no EOS stop.
+
+    Its pool is sized as ``serve`` sizes ours (``max_batch`` of the longest request); left to size itself on a
+    CPU it takes a share of the machine's memory, and every step then pays for attending over all of it.
+    """
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     check_arg("max_batch", max_batch, is_integer(max_batch) and max_batch >= 1, "an integer >= 1")
+    longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
     settings = GenerationConfig(do_sample=False, max_new_tokens=max(r.max_new_tokens for r in requests),
-                                pad_token_id=model.generation_config.pad_token_id)
-    batching = ContinuousBatchingConfig(max_requests_per_batch=max_batch, page_size=page_size,
-                                        allow_block_sharing=False)
+                                eos_token_id=-1, pad_token_id=model.generation_config.pad_token_id)  # -1: no EOS
+    batching = ContinuousBatchingConfig(
+        max_requests_per_batch=max_batch, page_size=page_size, allow_block_sharing=False,
+        num_blocks=max_batch * -(-longest // page_size),
+        max_batch_tokens=max(len(r.prompt) for r in requests) + max_batch)  # one new prompt + the running tokens
     result = ServeResult("transformers continuous", max_batch, {}, {}, 0.0)
     with model.continuous_batching_context_manager(generation_config=settings, continuous_batching_config=batching,
                                                    warmup=False) as manager:
         start = time.perf_counter()
-        for r in requests:  # eos_token_id=-1: no EOS stop, each request makes exactly its max_new_tokens
-            manager.add_request(list(r.prompt), request_id=str(r.id), max_new_tokens=r.max_new_tokens, eos_token_id=-1)
+        for r in requests:
+            manager.add_request(list(r.prompt), request_id=str(r.id), max_new_tokens=r.max_new_tokens)
         while len(result.outputs) < len(requests):
             done = manager.get_result(timeout=60)
             if done is None:

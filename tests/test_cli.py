@@ -55,14 +55,20 @@ def test_execute_prints_no_kernel_warning(tmp_path, capfd):
     assert "WARNING" not in err and "without encryption" not in err, err
 
 
-def test_bench_prints_a_side_by_side_table(capsys):
-    assert cli.main(["bench", "--model", "draft", "--new-tokens", "8", "--repeats", "1"]) == 0
+def test_bench_quick_runs_every_section_and_prints_its_tables(capsys):
+    assert cli.main(["bench", "--quick", "--new-tokens", "16", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
+    assert out.splitlines()[2].startswith("machine: ") and "torch threads" in out
+    for title in ("KV cache", "Fast path", "Batching", "Serving", "Speculative decoding", "Quantized weights"):
+        assert f"### {title}" in out, out
     rows = {m[0]: (float(m[1]), float(m[2])) for m in
-            re.findall(r"^\| (no KV cache|KV cache) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| ([\d.]+) \| - \| ([\d.]+)x \|", out,
-                       re.M)}
-    assert set(rows) == {"no KV cache", "KV cache"}, out
+            re.findall(r"^\| (no KV cache|KV cache|lean step) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| ([\d.]+) \| - \| ([\d.]+)x \|",
+                       out, re.M)}
+    assert set(rows) == {"no KV cache", "KV cache", "lean step"}, out
     assert all(tokens_per_s > 0 and ratio > 0 for tokens_per_s, ratio in rows.values())
+    serving = re.findall(r"^\| (one-at-a-time|static|continuous|transformers continuous) \| \d+ \| [\d.]+x \| .* \| (\d+)/16 \|$",
+                         out, re.M)
+    assert serving == [(p, "16") for p in ("one-at-a-time", "static", "continuous", "transformers continuous")], out
 
 
 def test_module_entry_point_matches_console_script():
@@ -78,6 +84,9 @@ def test_unknown_subcommand_is_rejected():
     assert exit_info.value.code == 2
 
 
-def test_bench_refuses_more_tokens_than_the_context(capsys):
-    assert cli.main(["bench", "--model", "draft", "--new-tokens", "300", "--repeats", "1"]) == 2
+def test_bench_refuses_more_tokens_than_the_context_and_unknown_sections(capsys):
+    assert cli.main(["bench", "--sections", "kv-cache", "--new-tokens", "300", "--repeats", "1"]) == 2
     assert "context window of 256" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--sections", "warp-drive"])
+    assert exit_info.value.code == 2 and "invalid choice: 'warp-drive'" in capsys.readouterr().err

@@ -139,3 +139,11 @@ def test_bad_settings_get_clear_errors(mini, requests_):
         serve(mini, requests_, max_batch=0)
     with pytest.raises(CacheFullError):
         serve(mini, requests_, max_batch=4, block_size=4, num_blocks=3)
+
+
+def test_the_scheduler_alone_takes_the_same_steps_as_a_real_run(mini, requests_):
+    for policy in ("static", "continuous"):
+        real = serve(mini, requests_, max_batch=4, policy=policy, block_size=4)
+        dry = serve(None, requests_, max_batch=4, policy=policy)
+        assert dry.occupancy == real.occupancy and set(dry.kv_bytes) == {0}
+        assert {i: len(out) for i, out in dry.outputs.items()} == {i: len(out) for i, out in real.outputs.items()}
