@@ -53,7 +53,7 @@ def machine_line(device: torch.device) -> str:
             f"torch {torch.__version__} | device {device} ({device_name(device)}) | float32")
 
 
-def ticking(variants: dict[str, Callable], bar) -> dict[str, Callable]:
+def _ticking(variants: dict[str, Callable], bar) -> dict[str, Callable]:
     """The same variants, each advancing the progress bar when it returns."""
     def tick(fn):
         def run():
@@ -64,7 +64,7 @@ def ticking(variants: dict[str, Callable], bar) -> dict[str, Callable]:
     return {name: tick(fn) for name, fn in variants.items()}
 
 
-def checked(variants: dict[str, Callable], reference: torch.Tensor) -> dict[str, Callable]:
+def _checked(variants: dict[str, Callable], reference: torch.Tensor) -> dict[str, Callable]:
     """Refuse to time a variant whose tokens differ from the baseline's (each returns (B, T + new) ids)."""
     for name, fn in variants.items():
         out = fn()
@@ -73,7 +73,7 @@ def checked(variants: dict[str, Callable], reference: torch.Tensor) -> dict[str,
     return variants
 
 
-def section(title: str, table: Comparison, notes: str = "") -> str:
+def _section(title: str, table: Comparison, notes: str = "") -> str:
     return f"### {title}\n\n{table.to_markdown()}\n" + (f"\n{notes}\n" if notes else "")
 
 
@@ -102,12 +102,12 @@ def run_suite(settings: Settings = Settings(), device: str | None = None, sectio
     def timed(variants, **kw) -> Comparison:
         bar.total += len(variants) * (reps + 1)
         bar.refresh()
-        return compare(ticking(variants, bar), repeats=reps, device=dev, **kw)
+        return compare(_ticking(variants, bar), repeats=reps, device=dev, **kw)
 
     if "kv-cache" in sections:
         table = timed({"no KV cache": lambda: hf.generate(ids, **greedy, use_cache=False),
                        "KV cache": lambda: hf.generate(ids, **greedy)}, new_tokens=n)
-        parts.append(section(f"KV cache: storyteller, batch 1, {n} new tokens", table))
+        parts.append(_section(f"KV cache: storyteller, batch 1, {n} new tokens", table))
     if "fast-path" in sections:
         tpc = settings.tokens_per_call
         variants = {
@@ -127,19 +127,19 @@ def run_suite(settings: Settings = Settings(), device: str | None = None, sectio
             notes = f"Compiling took {time.perf_counter() - start:.1f} s (not in the times)."
             variants[f"compiled, {tpc} tokens per call"] = lambda: fast_greedy(
                 target, ids, max_new_tokens=n, compile=True, tokens_per_call=tpc).sequences
-        parts.append(section(f"Fast path: storyteller, batch 1, {n} new tokens, identical greedy tokens",
-                             timed(checked(variants, reference), new_tokens=n), notes))
+        parts.append(_section(f"Fast path: storyteller, batch 1, {n} new tokens, identical greedy tokens",
+                             timed(_checked(variants, reference), new_tokens=n), notes))
     if "batching" in sections:
         rows, big = ids.expand(settings.batch, -1), f"batch {settings.batch}"
         table = timed({"batch 1": lambda: greedy_no_sync(target, ids, max_new_tokens=n).sequences,
                        big: lambda: greedy_no_sync(target, rows, max_new_tokens=n).sequences},
                       new_tokens={"batch 1": n, big: settings.batch * n})
         gain = table[big].tokens_per_s / table["batch 1"].tokens_per_s
-        parts.append(section(f"Batching: MiniGPT, {n} new tokens per row (tokens/s counts every row)", table,
+        parts.append(_section(f"Batching: MiniGPT, {n} new tokens per row (tokens/s counts every row)", table,
                              f"{big}: {gain:.2f}x the tokens/s of batch 1 (the speed column compares the time of "
                              f"one call, which makes {settings.batch}x the tokens)."))
     if "serving" in sections:
-        parts.append(serving_section(target, hf, tokenizer, settings, bar))
+        parts.append(_serving_section(target, hf, tokenizer, settings, bar))
     if "speculative" in sections:
         drafts = {name: MiniGPT.from_hf(load_model(name, device=dev)[0]) for name in ("draft", "draft_distilled")}
         variants = {"target alone, generate()": lambda: hf.generate(ids, **greedy),
@@ -149,25 +149,25 @@ def run_suite(settings: Settings = Settings(), device: str | None = None, sectio
         for name, d in drafts.items():
             variants[f"speculative, lean steps, {name}, k=4"] = lambda d=d: fast_speculative(
                 target, ids, draft=d, k=4, max_new_tokens=n).sequences
-        table = timed(checked(variants, reference), new_tokens=n)
+        table = timed(_checked(variants, reference), new_tokens=n)
         notes = []
         for name, d in drafts.items():
             run = fast_speculative(target, ids, draft=d, k=4, max_new_tokens=n)
             ratio = table.ratio(f"speculative, lean steps, {name}, k=4") / table.ratio("target alone, lean step")
             notes.append(f"{name}: acceptance rate {run.acceptance_rate:.3f}, {run.tokens_per_target_call:.2f} tokens "
                          f"per target forward, {ratio:.2f}x the lean target alone.")
-        parts.append(section(f"Speculative decoding: storyteller + drafts, {n} new tokens, identical greedy tokens",
+        parts.append(_section(f"Speculative decoding: storyteller + drafts, {n} new tokens, identical greedy tokens",
                              table, " ".join(notes)))
     if "quantized" in sections:
         int8 = quantize(hf, bits=8)
         table = timed({"fp32": lambda: hf.generate(ids, **greedy), "int8 weights": lambda: int8.generate(ids, **greedy)},
                       new_tokens=n)
-        parts.append(section(f"Quantized weights: storyteller, generate(), {n} new tokens", table))
+        parts.append(_section(f"Quantized weights: storyteller, generate(), {n} new tokens", table))
     bar.close()
     return "\n".join(parts)
 
 
-def serving_section(target: MiniGPT, hf, tokenizer, s: Settings, bar) -> str:
+def _serving_section(target: MiniGPT, hf, tokenizer, s: Settings, bar) -> str:
     """One run of each serving policy on the same workload (too long to repeat); every output checked."""
     from course_lib.kv_cache import kv_cache_bytes
     from course_lib.serving import make_workload, serve, transformers_serve
