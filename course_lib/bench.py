@@ -97,11 +97,11 @@ def run_suite(settings: Settings = Settings(), device: str | None = None, sectio
     greedy = dict(attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None)  # exactly n tokens
     reference = hf.generate(ids, **greedy)
     parts = [f"# course bench ({time.strftime('%Y-%m-%d')})", "", machine_line(dev), ""]
-    bar = tqdm(desc="course bench", unit="run", total=0)
+    variants_in = {"kv-cache": 2, "fast-path": 5 + settings.compile, "batching": 2, "speculative": 5, "quantized": 2}
+    runs = sum(variants_in.get(name, 0) * (reps + 1) for name in sections) + 4 * ("serving" in sections)
+    bar = tqdm(desc="course bench", unit="run", total=runs)  # a timed run, or one serving policy
 
     def timed(variants, **kw) -> Comparison:
-        bar.total += len(variants) * (reps + 1)
-        bar.refresh()
         return compare(_ticking(variants, bar), repeats=reps, device=dev, **kw)
 
     if "kv-cache" in sections:
@@ -173,7 +173,6 @@ def _serving_section(target: MiniGPT, hf, tokenizer, s: Settings, bar) -> str:
     from course_lib.serving import make_workload, serve, transformers_serve
 
     requests = make_workload(tokenizer, n=s.requests, max_new=s.max_new, seed=0)
-    bar.total += 4
     results = []
     for policy in ("one-at-a-time", "static", "continuous"):
         results.append(serve(target, requests, max_batch=s.max_batch, policy=policy))
