@@ -177,7 +177,7 @@ def test_next_token_probs_refuses_a_left_padded_batch_without_its_mask(tiny_gpt2
 
 
 def test_rows_that_all_start_with_bos_are_let_through(tiny_gpt2):
-    """pad = EOS = BOS = 0 for the course's models: BOS-prefixed prompts (prompting.encode_prompt) all start with
+    """pad = EOS = BOS = 0 for the course's models: BOS-prefixed prompts (data.encode_prompt) all start with
     id 0, so every row starting with it cannot be told from padding, and a single row proves nothing."""
     ids = prompt(5, batch=2)
     ids[:, 0] = 0

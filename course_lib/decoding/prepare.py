@@ -77,7 +77,7 @@ def check_left_padding(input_ids: torch.Tensor, pad_token_id: int | None) -> Non
     Without the mask the model reads the pads as text and counts positions from the first pad, so a padded row
     silently gets a different continuation than the same prompt alone. The sign looked for: some rows start
     with the pad id and others do not. A row that starts with the pad id proves nothing by itself: the bundled
-    models use id 0 as pad, EOS and BOS alike, and ``prompting.encode_prompt`` starts every prompt with that
+    models use id 0 as pad, EOS and BOS alike, and ``data.encode_prompt`` starts every prompt with that
     BOS. So a batch in which EVERY row starts with the pad id (BOS-prefixed prompts, padded or not) cannot be
     told apart from an unpadded one and is let through; so is a single row.
     """
