@@ -160,8 +160,8 @@ def run_suite(settings: Settings = Settings(), device: str | None = None, sectio
                              table, " ".join(notes)))
     if "quantized" in sections:
         int8 = quantize(hf, bits=8)
-        table = timed({"fp32": lambda: hf.generate(ids, **greedy), "int8 weights": lambda: int8.generate(ids, **greedy)},
-                      new_tokens=n)
+        table = timed({"fp32": lambda: hf.generate(ids, **greedy),
+                       "int8 weights": lambda: int8.generate(ids, **greedy)}, new_tokens=n)
         parts.append(_section(f"Quantized weights: storyteller, generate(), {n} new tokens", table))
     bar.close()
     return "\n".join(parts)

@@ -29,9 +29,8 @@ import torch.nn.functional as F
 
 from course_lib.checks import check_arg, is_integer
 from course_lib.decoding.prepare import GenerateOutput, prepare
-from course_lib.decoding.speculative import SpeculativeOutput
+from course_lib.decoding.speculative import SpeculativeOutput, accept_greedy
 from course_lib.decoding.steps import prefill
-from course_lib.kv_cache import StaticKVCache
 from course_lib.minigpt import ACTIVATIONS, MiniGPT
 from course_lib.models import check_fits
 
@@ -42,7 +41,8 @@ class LeanWeights:
 
     wte: torch.Tensor  # (vocab, C): token embeddings, also the output head
     wpe: torch.Tensor  # (positions, C)
-    layers: tuple[tuple[torch.Tensor, ...], ...]  # per block: ln_1 w, b; c_attn w, b; c_proj w, b; ln_2 w, b; fc w, b; proj w, b
+    # per block, in the order a step reads them: ln_1 w, b; c_attn w, b; c_proj w, b; ln_2 w, b; c_fc w, b; proj w, b
+    layers: tuple[tuple[torch.Tensor, ...], ...]
     ln_f: tuple[torch.Tensor, torch.Tensor]
     n_head: int
     eps: float
@@ -145,7 +145,7 @@ def fast_greedy(model: MiniGPT, input_ids: torch.LongTensor, attention_mask: tor
     slots = T + 1 + calls * tokens_per_call - 1  # the last call may run past max_new_tokens; those are cut
     check_fits(model, slots, what=f"{T} prompt tokens + max_new_tokens rounded up to whole calls of "
                                   f"tokens_per_call={tokens_per_call}")
-    cache = StaticKVCache(len(w.layers), B, w.n_head, w.wte.shape[1] // w.n_head, slots, w.wte.dtype, ids.device)
+    cache = model.make_cache("static", B, slots)
     step = compiled_decode_tokens(mode) if compile else decode_tokens
     out = torch.empty(B, T + 1 + calls * tokens_per_call, dtype=ids.dtype, device=ids.device)  # filled in place
     out[:, :T] = ids
@@ -180,9 +180,8 @@ def fast_speculative(model: MiniGPT, input_ids: torch.LongTensor, attention_mask
     stats = SpeculativeOutput(ids, T, 0, 0, 0, 0)
     if max_new_tokens == 0:
         return stats
-    models = [(lean_weights(m), StaticKVCache(len(m.h), 1, m.config.n_head, m.config.head_dim, T + max_new_tokens + k,
-                                              m.wte.weight.dtype, ids.device)) for m in (model, draft)]
-    (tw, tcache), (dw, dcache) = models
+    tw, tcache = lean_weights(model), model.make_cache("static", 1, T + max_new_tokens + k)
+    dw, dcache = lean_weights(draft), draft.make_cache("static", 1, T + max_new_tokens + k)
     out[:, T] = prefill(model, ids, cache=tcache).argmax(dim=-1)  # the target's first token
     prefill(draft, ids, cache=dcache)
     n, draft_fed = T + 1, T  # tokens so far; the draft has read out[:, :draft_fed]
@@ -194,12 +193,12 @@ def fast_speculative(model: MiniGPT, input_ids: torch.LongTensor, attention_mask
                                                            pending[-1:] + 1, k - 1)], dim=1)  # (1, k)
         # ... and the target scores its last token and the k guesses in one forward
         checked = torch.cat([out[:, n - 1 : n], guesses], dim=1)  # (1, k + 1)
-        choice = lean_forward(tw, tcache.keys, tcache.values, checked,
-                              torch.arange(n - 1, n + k, device=ids.device)).argmax(-1)  # (1, k + 1)
-        # accepted = length of the agreeing prefix: cumprod turns [1, 1, 0, 1] into [1, 1, 0, 0]
-        accepted = int((guesses == choice[:, :k]).long().cumprod(dim=1).sum())  # the host sync of the round
-        out[:, n : n + accepted + 1] = choice[:, : accepted + 1]  # the kept guesses, then the target's own token
-        stats.proposed, stats.accepted, stats.target_calls = stats.proposed + k, stats.accepted + accepted, stats.target_calls + 1
+        logits = lean_forward(tw, tcache.keys, tcache.values, checked, torch.arange(n - 1, n + k, device=ids.device))
+        n_accepted, next_token = accept_greedy(guesses, logits)  # (1,), (1,): the agreeing prefix, then its own
+        accepted = int(n_accepted)  # the host sync of the round
+        out[:, n : n + accepted + 1] = torch.cat([guesses[:, :accepted], next_token[:, None]], dim=1)
+        stats.proposed, stats.accepted, stats.target_calls = stats.proposed + k, stats.accepted + accepted, \
+            stats.target_calls + 1
         stats.rejected += accepted < k
         draft_fed = n + min(accepted, k - 1)  # the draft read every guess but its last
         n += accepted + 1

@@ -92,7 +92,8 @@ def ragged_forward(w: LeanWeights, cache: PagedKVCache, batch: RaggedBatch) -> t
     returns each sequence's greedy next token (sequences,)."""
     N, C, nh = len(batch.tokens), w.wte.shape[1], w.n_head
     S = batch.context.shape[1]
-    visible = (torch.arange(S, device=batch.positions.device) <= batch.positions[:, None])[:, None, None]  # (N, 1, 1, S)
+    slots = torch.arange(S, device=batch.positions.device)
+    visible = (slots <= batch.positions[:, None])[:, None, None]  # (N, 1, 1, S): causal, within each sequence
     x = w.wte[batch.tokens] + w.wpe[batch.positions]  # (N, C)
     for i, (ln1w, ln1b, qkvw, qkvb, projw, projb, ln2w, ln2b, fcw, fcb, outw, outb) in enumerate(w.layers):
         h = F.layer_norm(x, (C,), ln1w, ln1b, w.eps)
