@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +35,24 @@ from course_lib.minigpt import ACTIVATIONS, MiniGPT
 from course_lib.models import check_fits
 
 
+class BlockWeights(NamedTuple):
+    """One transformer block's weights as (weight, bias) pairs, named as in ``MiniGPT``."""
+
+    ln_1: tuple[torch.Tensor, torch.Tensor]
+    c_attn: tuple[torch.Tensor, torch.Tensor]  # queries, keys and values in one matrix: (3C, C)
+    c_proj: tuple[torch.Tensor, torch.Tensor]
+    ln_2: tuple[torch.Tensor, torch.Tensor]
+    c_fc: tuple[torch.Tensor, torch.Tensor]  # (4C, C)
+    mlp_proj: tuple[torch.Tensor, torch.Tensor]  # (C, 4C)
+
+
 @dataclass(frozen=True)
 class LeanWeights:
-    """A ``MiniGPT``'s weights as plain tensors (the same storage, no copies), in the order a step reads them."""
+    """A ``MiniGPT``'s weights as plain tensors (the same storage, no copies)."""
 
     wte: torch.Tensor  # (vocab, C): token embeddings, also the output head
     wpe: torch.Tensor  # (positions, C)
-    # per block, in the order a step reads them: ln_1 w, b; c_attn w, b; c_proj w, b; ln_2 w, b; c_fc w, b; proj w, b
-    layers: tuple[tuple[torch.Tensor, ...], ...]
+    blocks: tuple[BlockWeights, ...]
     ln_f: tuple[torch.Tensor, torch.Tensor]
     n_head: int
     eps: float
@@ -54,14 +64,24 @@ def lean_weights(model: MiniGPT) -> LeanWeights:
     if not isinstance(model, MiniGPT):
         raise TypeError(f"model must be a course MiniGPT (MiniGPT.from_hf(hf_model) converts a transformers GPT-2), "
                         f"got {type(model).__name__}")
-    layers = tuple(
-        (b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
-         b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
-         b.mlp.c_proj.weight, b.mlp.c_proj.bias)
-        for b in model.h)
+    pair = lambda m: (m.weight, m.bias)  # noqa: E731
+    blocks = tuple(BlockWeights(pair(b.ln_1), pair(b.attn.c_attn), pair(b.attn.c_proj), pair(b.ln_2),
+                                pair(b.mlp.c_fc), pair(b.mlp.c_proj)) for b in model.h)
     cfg = model.config
-    return LeanWeights(model.wte.weight, model.wpe.weight, layers, (model.ln_f.weight, model.ln_f.bias),
-                       cfg.n_head, cfg.layer_norm_epsilon, ACTIVATIONS[cfg.activation_function])
+    return LeanWeights(model.wte.weight, model.wpe.weight, blocks, pair(model.ln_f), cfg.n_head,
+                       cfg.layer_norm_epsilon, ACTIVATIONS[cfg.activation_function])
+
+
+def qkv(w: LeanWeights, block: BlockWeights, x: torch.Tensor) -> torch.Tensor:
+    """The block's first half up to attention: queries, keys and values of ``x`` (..., C), as (..., 3C)."""
+    return F.linear(F.layer_norm(x, x.shape[-1:], *block.ln_1, w.eps), *block.c_attn)
+
+
+def after_attention(w: LeanWeights, block: BlockWeights, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The block's second half: ``x`` (..., C) plus the projected attention output ``y`` (..., C), then the MLP."""
+    x = x + F.linear(y, *block.c_proj)
+    h = F.layer_norm(x, x.shape[-1:], *block.ln_2, w.eps)
+    return x + F.linear(F.gelu(F.linear(h, *block.c_fc), approximate=w.approximate), *block.mlp_proj)
 
 
 def lean_forward(w: LeanWeights, keys: torch.Tensor, values: torch.Tensor, tokens: torch.Tensor,
@@ -75,15 +95,12 @@ def lean_forward(w: LeanWeights, keys: torch.Tensor, values: torch.Tensor, token
     (B, T), C, nh = tokens.shape, w.wte.shape[1], w.n_head
     x = w.wte[tokens] + w.wpe[positions]  # (B, T, C)
     visible = torch.arange(keys.shape[3], device=positions.device) <= positions[:, None]  # (T, S)
-    for i, (ln1w, ln1b, qkvw, qkvb, projw, projb, ln2w, ln2b, fcw, fcb, outw, outb) in enumerate(w.layers):
-        h = F.layer_norm(x, (C,), ln1w, ln1b, w.eps)
-        q, k, v = F.linear(h, qkvw, qkvb).view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
+    for i, block in enumerate(w.blocks):
+        q, k, v = qkv(w, block, x).view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
         keys[i].index_copy_(2, positions, k)  # the new tokens' keys, in their slots: no allocation, no copy
         values[i].index_copy_(2, positions, v)
         y = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=visible)  # (B, nh, T, hd)
-        x = x + F.linear(y.transpose(1, 2).reshape(B, T, C), projw, projb)
-        h = F.layer_norm(x, (C,), ln2w, ln2b, w.eps)
-        x = x + F.linear(F.gelu(F.linear(h, fcw, fcb), approximate=w.approximate), outw, outb)  # (B, T, C)
+        x = after_attention(w, block, x, y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
     return F.linear(F.layer_norm(x, (C,), *w.ln_f, w.eps), w.wte)  # (B, T, vocab)
 
 
@@ -95,8 +112,9 @@ def matmuls_only(w: LeanWeights) -> Callable[[], torch.Tensor]:
     x, h = w.wte.new_zeros(1, C), w.wte.new_zeros(1, 4 * C)  # (1, C), (1, 4C): the shapes of one token
 
     def step() -> torch.Tensor:
-        for _, _, qkvw, qkvb, projw, projb, _, _, fcw, fcb, outw, outb in w.layers:
-            F.linear(x, qkvw, qkvb), F.linear(x, projw, projb), F.linear(x, fcw, fcb), F.linear(h, outw, outb)
+        for block in w.blocks:
+            F.linear(x, *block.c_attn), F.linear(x, *block.c_proj)
+            F.linear(x, *block.c_fc), F.linear(h, *block.mlp_proj)
         return F.linear(x, w.wte)  # (1, vocab): the LM head, the largest matrix
     return step
 

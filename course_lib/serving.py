@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from course_lib.checks import check_arg, is_integer
 from course_lib.data import encode_prompt, heldout_stories
-from course_lib.fastpath import LeanWeights, lean_weights
+from course_lib.fastpath import LeanWeights, after_attention, lean_weights, qkv
 from course_lib.minigpt import MiniGPT
 from course_lib.paged_kv import PagedKVCache
 
@@ -95,17 +95,14 @@ def ragged_forward(w: LeanWeights, cache: PagedKVCache, batch: RaggedBatch) -> t
     slots = torch.arange(S, device=batch.positions.device)
     visible = (slots <= batch.positions[:, None])[:, None, None]  # (N, 1, 1, S): causal, within each sequence
     x = w.wte[batch.tokens] + w.wpe[batch.positions]  # (N, C)
-    for i, (ln1w, ln1b, qkvw, qkvb, projw, projb, ln2w, ln2b, fcw, fcb, outw, outb) in enumerate(w.layers):
-        h = F.layer_norm(x, (C,), ln1w, ln1b, w.eps)
-        q, k, v = F.linear(h, qkvw, qkvb).view(N, 3, nh, C // nh).unbind(1)  # 3 x (N, nh, hd)
+    for i, block in enumerate(w.blocks):
+        q, k, v = qkv(w, block, x).view(N, 3, nh, C // nh).unbind(1)  # 3 x (N, nh, hd)
         cache.keys[i].index_copy_(0, batch.write, k)  # written before reading: a prompt's tokens see each other
         cache.values[i].index_copy_(0, batch.write, v)
         keys = cache.keys[i][batch.context].transpose(1, 2)  # (N, nh, S, hd): gathered through the block table
         values = cache.values[i][batch.context].transpose(1, 2)
         y = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=visible)  # (N, nh, 1, hd)
-        x = x + F.linear(y.reshape(N, C), projw, projb)
-        h = F.layer_norm(x, (C,), ln2w, ln2b, w.eps)
-        x = x + F.linear(F.gelu(F.linear(h, fcw, fcb), approximate=w.approximate), outw, outb)  # (N, C)
+        x = after_attention(w, block, x, y.reshape(N, C))  # (N, C)
     x = F.layer_norm(x[batch.last], (C,), *w.ln_f, w.eps)  # (sequences, C): only the last tokens need logits
     return F.linear(x, w.wte).argmax(dim=-1)  # (sequences,)
 
@@ -158,7 +155,7 @@ def serve(model: MiniGPT | None, requests: list[Request], *, max_batch: int, pol
     if model is not None:
         w = lean_weights(model)
         longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
-        cache = PagedKVCache(len(w.layers), w.n_head, w.wte.shape[1] // w.n_head,
+        cache = PagedKVCache(len(w.blocks), w.n_head, w.wte.shape[1] // w.n_head,
                              num_blocks or max_batch * -(-longest // block_size), block_size, w.wte.dtype, w.wte.device)
     waiting, slots = deque(requests), [None] * max_batch  # slots: the request running in each batch place
     result = ServeResult(policy, max_batch, {r.id: [] for r in requests}, {}, 0.0)
