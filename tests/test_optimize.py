@@ -128,15 +128,19 @@ def test_drop_layers_refuses_bad_indices(tiny_gpt2, layers):
         drop_layers(tiny_gpt2, layers)
 
 
-def test_report_measures_every_variant(tiny_gpt2):
-    heldout = torch.randint(1, 97, (700,), generator=torch.Generator().manual_seed(2))
-    result = report({"fp32": tiny_gpt2, "int8": quantize(tiny_gpt2), "pruned": magnitude_prune(tiny_gpt2, 0.9)},
-                    heldout, IDS[:1, :5], max_new_tokens=6, repeats=1, context=64)
+def test_report_measures_every_variant(storyteller):
+    # The storyteller, not a tiny random model: a random model that mostly copies its last token barely notices
+    # pruning, so only a trained model can show the quality cost the report is there to measure.
+    model, tokenizer = storyteller
+    heldout = encode_stories(tokenizer, heldout_stories()[:3])[:700]
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    result = report({"fp32": model, "int8": quantize(model), "pruned": magnitude_prune(model, 0.9)},
+                    heldout, ids, max_new_tokens=6, repeats=1, context=64)
     assert [r.name for r in result.rows] == ["fp32", "int8", "pruned"]
     assert result["fp32"].same_text and all(r.speed_ratio > 0 for r in result.rows)
     assert result["int8"].weight_bytes < 0.35 * result["fp32"].weight_bytes
-    assert result["fp32"].heldout_loss == pytest.approx(heldout_loss(tiny_gpt2, heldout, 64)[0])
-    assert result["pruned"].heldout_loss > result["fp32"].heldout_loss  # 90 % of the weights gone hurts
+    assert result["fp32"].heldout_loss == pytest.approx(heldout_loss(model, heldout, 64)[0])
+    assert result["pruned"].heldout_loss > result["fp32"].heldout_loss + 0.05  # 90 % of the weights gone hurts
     int8 = result["int8"]
     assert (f"| int8 | {int8.speed_ratio:.2f}x | {int8.weight_bytes / 1e6:.2f} | "
             f"{int8.weight_bytes / result['fp32'].weight_bytes:.2f}x | {int8.heldout_loss:.4f} |") in result.to_markdown()
