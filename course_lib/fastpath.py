@@ -8,7 +8,8 @@ operation (notebook 12 profiles it). The arithmetic of one storyteller token is 
 millisecond. So this file removes overhead, one kind at a time:
 
 - ``LeanWeights``: the model's weights as plain tensors in tuples, read once (no module calls, no attribute
-  look-ups per token);
+  look-ups per token), each matrix stored (in, out) as GPT-2's own ``Conv1D`` stores it: on CPUs the one-row
+  product ``x @ W`` streams that layout faster than ``nn.Linear``'s (out, in);
 - the course's ``StaticKVCache`` written in place with ``index_copy_`` at a position held in a tensor, attention
   over all its slots with a mask ``slot <= position``: every step has the same shapes, so a compiled step never
   recompiles;
@@ -36,21 +37,23 @@ from course_lib.models import check_fits
 
 
 class BlockWeights(NamedTuple):
-    """One transformer block's weights as (weight, bias) pairs, named as in ``MiniGPT``."""
+    """One transformer block's weights as (weight, bias) pairs, named as in ``MiniGPT``; matrices are (in, out)."""
 
     ln_1: tuple[torch.Tensor, torch.Tensor]
-    c_attn: tuple[torch.Tensor, torch.Tensor]  # queries, keys and values in one matrix: (3C, C)
-    c_proj: tuple[torch.Tensor, torch.Tensor]
+    c_attn: tuple[torch.Tensor, torch.Tensor]  # queries, keys and values in one matrix: (C, 3C)
+    c_proj: tuple[torch.Tensor, torch.Tensor]  # (C, C)
     ln_2: tuple[torch.Tensor, torch.Tensor]
-    c_fc: tuple[torch.Tensor, torch.Tensor]  # (4C, C)
-    mlp_proj: tuple[torch.Tensor, torch.Tensor]  # (C, 4C)
+    c_fc: tuple[torch.Tensor, torch.Tensor]  # (C, 4C)
+    mlp_proj: tuple[torch.Tensor, torch.Tensor]  # (4C, C)
 
 
 @dataclass(frozen=True)
 class LeanWeights:
-    """A ``MiniGPT``'s weights as plain tensors (the same storage, no copies)."""
+    """A ``MiniGPT``'s weights as plain tensors: norms and embeddings share the model's storage, matrices are
+    (in, out) copies."""
 
-    wte: torch.Tensor  # (vocab, C): token embeddings, also the output head
+    wte: torch.Tensor  # (vocab, C): token embeddings
+    head: torch.Tensor  # (C, vocab): the output head, wte transposed
     wpe: torch.Tensor  # (positions, C)
     blocks: tuple[BlockWeights, ...]
     ln_f: tuple[torch.Tensor, torch.Tensor]
@@ -65,23 +68,30 @@ def lean_weights(model: MiniGPT) -> LeanWeights:
         raise TypeError(f"model must be a course MiniGPT (MiniGPT.from_hf(hf_model) converts a transformers GPT-2), "
                         f"got {type(model).__name__}")
     pair = lambda m: (m.weight, m.bias)  # noqa: E731
-    blocks = tuple(BlockWeights(pair(b.ln_1), pair(b.attn.c_attn), pair(b.attn.c_proj), pair(b.ln_2),
-                                pair(b.mlp.c_fc), pair(b.mlp.c_proj)) for b in model.h)
+    t_pair = lambda m: (m.weight.t().contiguous(), m.bias)  # noqa: E731  (out, in) -> (in, out)
+    blocks = tuple(BlockWeights(pair(b.ln_1), t_pair(b.attn.c_attn), t_pair(b.attn.c_proj), pair(b.ln_2),
+                                t_pair(b.mlp.c_fc), t_pair(b.mlp.c_proj)) for b in model.h)
     cfg = model.config
-    return LeanWeights(model.wte.weight, model.wpe.weight, blocks, pair(model.ln_f), cfg.n_head,
-                       cfg.layer_norm_epsilon, ACTIVATIONS[cfg.activation_function])
+    return LeanWeights(model.wte.weight, model.wte.weight.t().contiguous(), model.wpe.weight, blocks,
+                       pair(model.ln_f), cfg.n_head, cfg.layer_norm_epsilon, ACTIVATIONS[cfg.activation_function])
+
+
+def linear(x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``x @ W + b`` for ``x`` (..., in) and an (in, out) matrix: (..., out), one ``addmm`` as in GPT-2's Conv1D."""
+    w, b = weights
+    return torch.addmm(b, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
 
 
 def qkv(w: LeanWeights, block: BlockWeights, x: torch.Tensor) -> torch.Tensor:
     """The block's first half up to attention: queries, keys and values of ``x`` (..., C), as (..., 3C)."""
-    return F.linear(F.layer_norm(x, x.shape[-1:], *block.ln_1, w.eps), *block.c_attn)
+    return linear(F.layer_norm(x, x.shape[-1:], *block.ln_1, w.eps), block.c_attn)
 
 
 def after_attention(w: LeanWeights, block: BlockWeights, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The block's second half: ``x`` (..., C) plus the projected attention output ``y`` (..., C), then the MLP."""
-    x = x + F.linear(y, *block.c_proj)
+    x = x + linear(y, block.c_proj)
     h = F.layer_norm(x, x.shape[-1:], *block.ln_2, w.eps)
-    return x + F.linear(F.gelu(F.linear(h, *block.c_fc), approximate=w.approximate), *block.mlp_proj)
+    return x + linear(F.gelu(linear(h, block.c_fc), approximate=w.approximate), block.mlp_proj)
 
 
 def lean_forward(w: LeanWeights, keys: torch.Tensor, values: torch.Tensor, tokens: torch.Tensor,
@@ -101,7 +111,7 @@ def lean_forward(w: LeanWeights, keys: torch.Tensor, values: torch.Tensor, token
         values[i].index_copy_(2, positions, v)
         y = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=visible)  # (B, nh, T, hd)
         x = after_attention(w, block, x, y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
-    return F.linear(F.layer_norm(x, (C,), *w.ln_f, w.eps), w.wte)  # (B, T, vocab)
+    return F.layer_norm(x, (C,), *w.ln_f, w.eps) @ w.head  # (B, T, vocab)
 
 
 def matmuls_only(w: LeanWeights) -> Callable[[], torch.Tensor]:
@@ -113,9 +123,9 @@ def matmuls_only(w: LeanWeights) -> Callable[[], torch.Tensor]:
 
     def step() -> torch.Tensor:
         for block in w.blocks:
-            F.linear(x, *block.c_attn), F.linear(x, *block.c_proj)
-            F.linear(x, *block.c_fc), F.linear(h, *block.mlp_proj)
-        return F.linear(x, w.wte)  # (1, vocab): the LM head, the largest matrix
+            linear(x, block.c_attn), linear(x, block.c_proj)
+            linear(x, block.c_fc), linear(h, block.mlp_proj)
+        return x @ w.head  # (1, vocab): the LM head, the largest matrix
     return step
 
 

@@ -104,7 +104,7 @@ def ragged_forward(w: LeanWeights, cache: PagedKVCache, batch: RaggedBatch) -> t
         y = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=visible)  # (N, nh, 1, hd)
         x = after_attention(w, block, x, y.reshape(N, C))  # (N, C)
     x = F.layer_norm(x[batch.last], (C,), *w.ln_f, w.eps)  # (sequences, C): only the last tokens need logits
-    return F.linear(x, w.wte).argmax(dim=-1)  # (sequences,)
+    return (x @ w.head).argmax(dim=-1)  # (sequences,)
 
 
 @dataclass
