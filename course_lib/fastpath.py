@@ -77,18 +77,18 @@ def lean_weights(model: MiniGPT) -> LeanWeights:
 
 
 def linear(x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``x @ W + b`` for ``x`` (..., in) and an (in, out) matrix: (..., out), one ``addmm`` as in GPT-2's Conv1D."""
+    """``x @ W + b`` for rows ``x`` (N, in) and an (in, out) matrix: (N, out), one ``addmm`` as in GPT-2's Conv1D."""
     w, b = weights
-    return torch.addmm(b, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
+    return torch.addmm(b, x, w)
 
 
 def qkv(w: LeanWeights, block: BlockWeights, x: torch.Tensor) -> torch.Tensor:
-    """The block's first half up to attention: queries, keys and values of ``x`` (..., C), as (..., 3C)."""
+    """The block's first half up to attention: queries, keys and values of the rows ``x`` (N, C), as (N, 3C)."""
     return linear(F.layer_norm(x, x.shape[-1:], *block.ln_1, w.eps), block.c_attn)
 
 
 def after_attention(w: LeanWeights, block: BlockWeights, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The block's second half: ``x`` (..., C) plus the projected attention output ``y`` (..., C), then the MLP."""
+    """The block's second half: rows ``x`` (N, C) plus the projected attention output ``y`` (N, C), then the MLP."""
     x = x + linear(y, block.c_proj)
     h = F.layer_norm(x, x.shape[-1:], *block.ln_2, w.eps)
     return x + linear(F.gelu(linear(h, block.c_fc), approximate=w.approximate), block.mlp_proj)
@@ -103,15 +103,15 @@ def lean_forward(w: LeanWeights, keys: torch.Tensor, values: torch.Tensor, token
     may hold stale keys of rejected guesses (speculative decoding); the mask hides them, so nothing is cropped.
     """
     (B, T), C, nh = tokens.shape, w.wte.shape[1], w.n_head
-    x = w.wte[tokens] + w.wpe[positions]  # (B, T, C)
+    x = (w.wte[tokens] + w.wpe[positions]).view(B * T, C)  # (B*T, C): rows, so a matrix product is one addmm
     visible = torch.arange(keys.shape[3], device=positions.device) <= positions[:, None]  # (T, S)
     for i, block in enumerate(w.blocks):
         q, k, v = qkv(w, block, x).view(B, T, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
         keys[i].index_copy_(2, positions, k)  # the new tokens' keys, in their slots: no allocation, no copy
         values[i].index_copy_(2, positions, v)
         y = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=visible)  # (B, nh, T, hd)
-        x = after_attention(w, block, x, y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
-    return F.layer_norm(x, (C,), *w.ln_f, w.eps) @ w.head  # (B, T, vocab)
+        x = after_attention(w, block, x, y.transpose(1, 2).reshape(B * T, C))  # (B*T, C)
+    return (F.layer_norm(x, (C,), *w.ln_f, w.eps) @ w.head).view(B, T, -1)  # (B, T, vocab)
 
 
 def matmuls_only(w: LeanWeights) -> Callable[[], torch.Tensor]:
