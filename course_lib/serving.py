@@ -9,8 +9,9 @@ whole prompts of new ones and one token of the others, flattened into one ragged
 transformers' continuous batching do), so the policies differ only in *when* a request may start:
 
 - "one-at-a-time": a request starts when the previous one has finished;
-- "static": up to ``max_batch`` requests start together, and the next batch waits for the slowest of them;
-  finished rows leave the computation at once (the kindest static batching: it loses time only by waiting);
+- "static": up to ``max_batch`` requests start together and end together, as a padded batch does in
+  ``generate()``: a finished row keeps computing (padding) until the slowest request of its batch is done, then
+  the whole batch returns and the next one starts;
 - "continuous": iteration-level scheduling (Yu et al. 2022, "Orca", OSDI): after every step, waiting requests
   take the places of finished ones.
 
@@ -143,8 +144,9 @@ def serve(model: MiniGPT | None, requests: list[Request], *, max_batch: int, pol
           block_size: int = 16, num_blocks: int | None = None) -> ServeResult:
     """Run every request greedily under ``policy`` with at most ``max_batch`` running at once.
 
-    ``num_blocks`` (default: enough for ``max_batch`` of the longest request) sizes the paged cache; a real
-    server with fewer blocks would preempt a request, here a full pool raises ``CacheFullError``.
+    ``num_blocks`` (default: enough for ``max_batch`` rows of the longest prompt plus the most new tokens) sizes
+    the paged cache; a real server with fewer blocks would preempt a request, here a full pool raises
+    ``CacheFullError``. ``occupancy`` shows a finished row of a static batch as idle (None): it computes padding.
     ``model=None`` runs the scheduler alone (no cache, every token 0): a policy's steps and occupancy, free.
     """
     check_arg("policy", policy, policy in POLICIES, f"one of {', '.join(map(repr, POLICIES))}")
@@ -154,11 +156,12 @@ def serve(model: MiniGPT | None, requests: list[Request], *, max_batch: int, pol
     w, cache = None, None
     if model is not None:
         w = lean_weights(model)
-        longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
+        longest = max(len(r.prompt) for r in requests) + max(r.max_new_tokens for r in requests)  # a padded row
         cache = PagedKVCache(len(w.blocks), w.n_head, w.wte.shape[1] // w.n_head,
                              num_blocks or max_batch * -(-longest // block_size), block_size, w.wte.dtype, w.wte.device)
     waiting, slots = deque(requests), [None] * max_batch  # slots: the request running in each batch place
     result = ServeResult(policy, max_batch, {r.id: [] for r in requests}, {}, 0.0)
+    done = lambda r: len(result.outputs[r.id]) == r.max_new_tokens  # noqa: E731
     start = time.perf_counter()
     while waiting or any(r is not None for r in slots):
         if policy == "continuous" or all(r is None for r in slots):  # static: admit only into an empty batch
@@ -171,13 +174,15 @@ def serve(model: MiniGPT | None, requests: list[Request], *, max_batch: int, pol
         batch = [(r.id, list(r.prompt) if not result.outputs[r.id] else result.outputs[r.id][-1:]) for r in running]
         # the scheduler reads the tokens (a host sync per step), to feed each one back at the next step
         next_tokens = [0] * len(batch) if w is None else ragged_forward(w, cache, ragged_batch(cache, batch)).tolist()
+        result.occupancy.append([None if r is None or done(r) else r.id for r in slots])  # who made a token
         for r, token in zip(running, next_tokens):
-            result.outputs[r.id].append(token)
+            if not done(r):  # a finished row of a static batch computed padding: its token is dropped
+                result.outputs[r.id].append(token)
         result.kv_bytes.append(0 if cache is None else cache.used_bytes)
         now = time.perf_counter() - start
-        result.occupancy.append([None if r is None else r.id for r in slots])
+        batch_over = policy != "static" or all(r is None or done(r) for r in slots)
         for place, r in enumerate(slots):
-            if r is not None and len(result.outputs[r.id]) == r.max_new_tokens:
+            if r is not None and done(r) and batch_over:
                 result.finish_s[r.id] = now
                 if cache is not None:
                     cache.free(r.id)
@@ -190,13 +195,13 @@ def transformers_serve(model, requests: list[Request], *, max_batch: int, page_s
     """The same requests through transformers' own continuous batching (a paged cache, a scheduler and a
     background generation thread: ``model.continuous_batching_context_manager``), greedy, no EOS stop.
 
-    Its pool is sized as ``serve`` sizes ours (``max_batch`` of the longest request); left to size itself on a
-    CPU it takes a share of the machine's memory, and every step then pays for attending over all of it.
+    Its pool is sized as ``serve`` sizes ours; left to size itself on a CPU it takes a share of the machine's
+    memory, and every step then pays for attending over all of it.
     """
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     check_arg("max_batch", max_batch, is_integer(max_batch) and max_batch >= 1, "an integer >= 1")
-    longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
+    longest = max(len(r.prompt) for r in requests) + max(r.max_new_tokens for r in requests)
     settings = GenerationConfig(do_sample=False, max_new_tokens=max(r.max_new_tokens for r in requests),
                                 eos_token_id=-1, pad_token_id=model.generation_config.pad_token_id)  # -1: no EOS
     batching = ContinuousBatchingConfig(

@@ -103,6 +103,22 @@ def test_continuous_batching_fills_a_free_place_at_the_next_step_and_static_wait
     assert len(one.occupancy) == sum(steps_of.values()) and all(len(p) == 1 for p in one.occupancy)
 
 
+def test_a_static_batch_computes_padding_and_returns_when_its_slowest_request_is_done(mini, requests_):
+    static = serve(mini, requests_, max_batch=4, policy="static", block_size=4)
+    batches = [requests_[i : i + 4] for i in range(0, len(requests_), 4)]
+    step = 0
+    for batch in batches:
+        slowest = max(r.max_new_tokens for r in batch)
+        assert len({static.finish_s[r.id] for r in batch}) == 1, "a static batch returns all at once"
+        for r in batch:  # a request makes tokens for its own steps, then its place idles (computing padding)
+            made = [r.id in places for places in static.occupancy[step : step + slowest]]
+            assert made == [True] * r.max_new_tokens + [False] * (slowest - r.max_new_tokens)
+        held = static.kv_bytes[step : step + slowest]
+        assert held == sorted(held), "padding rows keep their blocks (and grow) until the batch ends"
+        step += slowest
+    assert step == len(static.occupancy)
+
+
 def test_paged_memory_follows_the_tokens_held(mini, requests_):
     result = serve(mini, requests_, max_batch=4, policy="continuous", block_size=4)
     block = PagedKVCache(2, 4, 8, num_blocks=1, block_size=4).block_bytes
