@@ -137,9 +137,14 @@ def bench(args: argparse.Namespace) -> int:
     """The benchmark suite (course_lib.bench): one markdown report on stdout, a progress bar on stderr."""
     from dataclasses import replace
 
+    from transformers.utils import logging as transformers_logging
+
     from course_lib.bench import QUICK, Settings, run_suite
     from course_lib.models import ContextLengthError
 
+    # generate() drops an all-ones attention mask, and its GPT-2 then warns that the input "may be padded" when a
+    # token is the pad id (also BOS and EOS here): nothing is padded, and the suite checks every variant's tokens
+    transformers_logging.set_verbosity_error()
     settings = QUICK if args.quick else Settings()
     overrides = {k: v for k, v in dict(new_tokens=args.new_tokens, repeats=args.repeats).items() if v is not None}
     try:
