@@ -60,6 +60,13 @@ def make_workload(tokenizer, n: int = 64, min_new: int = 8, max_new: int = 200, 
     return requests
 
 
+def pool_blocks(requests: list[Request], max_batch: int, block_size: int) -> int:
+    """Blocks for ``max_batch`` rows of the longest prompt plus the most new tokens: as long as a row can grow
+    (a padding row of a static batch grows until its slowest request is done)."""
+    longest = max(len(r.prompt) for r in requests) + max(r.max_new_tokens for r in requests)
+    return max_batch * -(-longest // block_size)
+
+
 @dataclass
 class RaggedBatch:
     """The new tokens of several sequences flattened into one batch of N tokens (S = the longest context)."""
@@ -144,8 +151,7 @@ def serve(model: MiniGPT | None, requests: list[Request], *, max_batch: int, pol
           block_size: int = 16, num_blocks: int | None = None) -> ServeResult:
     """Run every request greedily under ``policy`` with at most ``max_batch`` running at once.
 
-    ``num_blocks`` (default: enough for ``max_batch`` rows of the longest prompt plus the most new tokens) sizes
-    the paged cache; a real server with fewer blocks would preempt a request, here a full pool raises
+    ``num_blocks`` (default: ``pool_blocks``) sizes the paged cache; a real server with fewer blocks would preempt a request, here a full pool raises
     ``CacheFullError``. ``occupancy`` shows a finished row of a static batch as idle (None): it computes padding.
     ``model=None`` runs the scheduler alone (no cache, every token 0): a policy's steps and occupancy, free.
     """
@@ -156,9 +162,9 @@ def serve(model: MiniGPT | None, requests: list[Request], *, max_batch: int, pol
     w, cache = None, None
     if model is not None:
         w = lean_weights(model)
-        longest = max(len(r.prompt) for r in requests) + max(r.max_new_tokens for r in requests)  # a padded row
         cache = PagedKVCache(len(w.blocks), w.n_head, w.wte.shape[1] // w.n_head,
-                             num_blocks or max_batch * -(-longest // block_size), block_size, w.wte.dtype, w.wte.device)
+                             num_blocks or pool_blocks(requests, max_batch, block_size), block_size, w.wte.dtype,
+                             w.wte.device)
     waiting, slots = deque(requests), [None] * max_batch  # slots: the request running in each batch place
     result = ServeResult(policy, max_batch, {r.id: [] for r in requests}, {}, 0.0)
     done = lambda r: len(result.outputs[r.id]) == r.max_new_tokens  # noqa: E731
@@ -201,12 +207,11 @@ def transformers_serve(model, requests: list[Request], *, max_batch: int, page_s
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     check_arg("max_batch", max_batch, is_integer(max_batch) and max_batch >= 1, "an integer >= 1")
-    longest = max(len(r.prompt) for r in requests) + max(r.max_new_tokens for r in requests)
     settings = GenerationConfig(do_sample=False, max_new_tokens=max(r.max_new_tokens for r in requests),
                                 eos_token_id=-1, pad_token_id=model.generation_config.pad_token_id)  # -1: no EOS
     batching = ContinuousBatchingConfig(
         max_requests_per_batch=max_batch, page_size=page_size, allow_block_sharing=False,
-        num_blocks=max_batch * -(-longest // page_size),
+        num_blocks=pool_blocks(requests, max_batch, page_size),
         max_batch_tokens=max(len(r.prompt) for r in requests) + max_batch)  # one new prompt + the running tokens
     result = ServeResult("transformers continuous", max_batch, {}, {}, 0.0)
     with model.continuous_batching_context_manager(generation_config=settings, continuous_batching_config=batching,
