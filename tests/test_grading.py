@@ -1,6 +1,7 @@
 """Graded exercises: markers, the learner's check(), building student versions, grading submissions."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -31,6 +32,11 @@ import operator
 def adds_small_numbers():
     return add(1, 2)
 # BEGIN HIDDEN
+@test("q1", expect=7)
+def adds_positive_numbers():
+    return add(2, 5)
+
+
 @test("q1", points=2, expect=-3)
 def adds_negative_numbers():
     return add(-1, -2)
@@ -83,7 +89,7 @@ def test_hidden_blocks_are_removed_and_kept_apart():
     assert markers.strip_hidden(TESTS).count("@test") == 1
     assert "adds_negative_numbers" not in markers.strip_hidden(TESTS)
     (block,) = markers.hidden_blocks(TESTS)
-    assert block.startswith('@test("q1", points=2') and "return add(-1, -2)" in block and "HIDDEN" not in block
+    assert block.startswith('@test("q1", expect=7)') and "return add(-1, -2)" in block and "HIDDEN" not in block
 
 
 def test_a_submission_receives_the_tests_without_their_expected_results():
@@ -282,9 +288,66 @@ def test_build_refuses_when_a_task_header_states_other_points(tmp_path, capsys):
     assert not (tmp_path / "student").exists()
 
 
+# The self-answering attack: the learner notebook holds the visible tests with their expect= references. A submission
+# that records them (from a copy of the tests cells that is no tests cell) and wraps the registration of the tests the
+# grader sends makes each visible test return its own expected value. Visible tests give no points, so it earns none.
+SELF_ANSWERING = """import course_lib.grading.checks as _checks
+_register, _answers = _checks.test, {}
+
+
+def _answering(question, hint="", points=None, *, expect=_checks._NOTHING, atol=None, rtol=None):
+    def register(fn):
+        if expect is not _checks._NOTHING:
+            _answers[fn.__name__] = expect
+        elif fn.__name__ in _answers:
+            answer, name = _answers[fn.__name__], fn.__name__
+            fn = lambda: answer() if callable(answer) else answer  # noqa: E731
+            fn.__name__ = name
+        return _register(question, hint, points, expect=expect, atol=atol, rtol=rtol)(fn)
+    return register
+
+
+_checks.test = test = _answering"""
+
+
+def self_answering(learner: dict) -> dict:
+    """The learner notebook with the attack cell and a copy of every tests cell (as plain code) at its end."""
+    attack = copy.deepcopy(learner)
+    code = [c for c in attack["cells"] if c["cell_type"] == "code"]
+    copies = [{**c, "source": "# a copy\n" + markers.cell_source(c)} for c in code
+              if markers.is_tests_cell(markers.cell_source(c))]
+    attack["cells"] += [{**code[0], "source": SELF_ANSWERING}, *copies]
+    return attack
+
+
+def test_build_refuses_when_trivial_code_passes_a_hidden_test(tmp_path, capsys):
+    nb = add_exercise()
+    nb["cells"][4]["source"] = TESTS.replace("add(-1, -2)", "add(0, 0)").replace("expect=-3", "expect=0")
+    write(tmp_path / "src" / "add.ipynb", nb)
+    assert main(["exercises", "build", str(tmp_path / "src"), str(tmp_path / "student")]) == 1
+    err = capsys.readouterr().err
+    assert "add.ipynb: trivial code earns points: q1: a stand-in that returns its first input passes " \
+           "adds_negative_numbers (2 points)" in err
+    assert "q1: a stand-in that returns 0 passes adds_negative_numbers (2 points)" in err
+    assert "returns zeros shaped like its first tensor passes adds_negative_numbers" in err  # 0 for no tensor
+    assert not (tmp_path / "student").exists()
+
+
+def test_build_refuses_points_on_a_visible_test_and_a_question_without_hidden_tests(tmp_path, capsys):
+    nb = add_exercise()
+    nb["cells"][4]["source"] = TESTS.replace('@test("q1", hint="use +"', '@test("q1", points=1, hint="use +"')
+    nb["cells"][4]["source"] = nb["cells"][4]["source"].split("# BEGIN HIDDEN")[0] + "# END TESTS"
+    write(tmp_path / "src" / "add.ipynb", nb)
+    assert main(["exercises", "build", str(tmp_path / "src"), str(tmp_path / "student")]) == 1
+    err = capsys.readouterr().err
+    assert "test adds_small_numbers of q1 is visible and states points=" in err
+    assert "q1 has no hidden test, and only hidden tests give points" in err
+
+
 def test_exercises_solutions_score_full_marks_and_student_versions_zero(tmp_path):
-    """Every exercise in exercises/: the build verifies its solutions; graded in the sandbox, the source notebook
-    itself scores full marks and its built student version scores 0, with no cell raising an error."""
+    """Every exercise in exercises/: the build verifies its solutions (and that trivial stand-ins earn nothing);
+    graded in the sandbox, the source notebook itself scores full marks, its built student version scores 0 with
+    no cell raising an error, and the self-answering attack passes visible tests but earns 0."""
     references = build(EXERCISES, tmp_path / "student", jobs=2)
     assert set(references) == {p.stem for p in source_notebooks(EXERCISES)}
     for name, reference in references.items():
@@ -294,7 +357,13 @@ def test_exercises_solutions_score_full_marks_and_student_versions_zero(tmp_path
         submissions.mkdir(parents=True)
         (submissions / "learner.ipynb").write_bytes((tmp_path / "student" / f"{name}.ipynb").read_bytes())
         (submissions / "solution.ipynb").write_bytes(reference.source.read_bytes())
+        learner_nb = json.loads((tmp_path / "student" / f"{name}.ipynb").read_text(encoding="utf-8"))
+        (submissions / "self_answering.ipynb").write_text(json.dumps(self_answering(learner_nb)), encoding="utf-8")
         rows = grade_folder(reference.source, submissions, tmp_path / "results" / name, jobs=2)
+        attack = (tmp_path / "results" / name / "feedback" / "self_answering.txt").read_text(encoding="utf-8")
+        visible = [t.name for t in reference.tests if not t.hidden]
+        assert any(f"passed  {n}\n" in attack for n in visible), f"{name}: the attack did not work at all:\n{attack}"
+        assert all(row["points"] == "0" for row in rows if row["student"] == "self_answering"), attack
         learner = [row for row in rows if row["student"] == "learner"]
         assert [row["question"] for row in learner] == list(reference.questions), name
         for row in learner:
@@ -342,7 +411,8 @@ def test_check_without_a_question_sums_up_every_task(registry, capsys):
         "q1: done, all 1 tests pass",
         "q2: 1 of 2 tests failing: run check('q2') for details",
         "q3: not attempted",
-        "Total: 3 / 7 points from the tests in this notebook (your instructor's grading may add hidden tests)"]
+        "These tests show whether your code works; the points come from the grader's tests of the same behaviour "
+        "on other inputs."]
 
 
 def test_check_without_tests_says_to_run_the_notebook(registry, capsys):

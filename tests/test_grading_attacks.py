@@ -22,8 +22,9 @@ import pytest
 from course_lib.grading.cli import main
 from course_lib.grading.grade import csv_safe, grade_folder
 from course_lib.grading.markers import student_notebook
-from course_lib.grading.sandbox import bwrap_problem, no_fork_filter
-from test_grading import SOLUTION, TESTS  # the "add" exercise: one visible test (1 point), one hidden (2 points)
+from course_lib.grading.sandbox import bwrap_problem, sandbox_filter
+from test_grading import SELF_ANSWERING, SOLUTION, TESTS
+# the "add" exercise: one visible test (feedback only), two hidden ones (1 and 2 points)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the grading sandbox is bubblewrap, Linux only")
 
@@ -108,8 +109,23 @@ ATTACKS = {
     "recursion": ["def add(a, b):\n    return add(a, b)"],
     "deep_recursion_cell": [WRONG, "import sys\nsys.setrecursionlimit(10**6)\ndef f(n):\n    return f(n + 1)\nf(0)"],
     "infinite_loop": ["def add(a, b):\n    while True:\n        pass"],
+    # Round two: results that break the grader, hidden text smuggled out, hangs that must cost one test only
+    "overflowing_tensor": ["import torch\nclass Lying(torch.Tensor):\n    def tolist(self):\n        return [1000]\n"
+                           "def add(a, b):\n    return torch.tensor([1], dtype=torch.int8).as_subclass(Lying)"],
+    "builtin_named_error": ["import builtins, inspect\ndef add(a, b):\n"
+                            "    source = inspect.getsource(inspect.stack()[1].frame)\n"
+                            "    name = 'E' + ''.join(c if c.isalnum() else '_' for c in source)\n"
+                            "    error = type(name, (Exception,), {})\n    setattr(builtins, name, error)\n    raise error()"],
+    "source_in_dict_keys": ["import inspect\ndef add(a, b):\n"
+                            "    return {inspect.getsource(inspect.stack()[1].frame): 1, 'x' * 9000: 2}"],
+    "huge_dict_keys": ["def add(a, b):\n    return {f'{i:09d}' + 'k' * 90: i for i in range(100_000)}"],
+    "self_answering": ["def add(a, b):\n    return 0", SELF_ANSWERING, "# a copy\n" + TESTS.split("# BEGIN HIDDEN")[0]],
+    "catches_the_time_budget": ["def add(a, b):\n    while True:\n        try:\n            while True:\n"
+                                "                pass\n        except BaseException:\n            pass"],
 }
 CORRECT = "def add(a, b):\n    return a + b"
+HANGS_ON_ONE = "def add(a, b):\n    while (a, b) == (2, 5):\n        pass\n    return a + b"  # a hidden test's inputs
+NON_UTF8_NAME = os.fsdecode(b"caf\xe9\x01.ipynb")  # Latin-1 bytes and a control character
 
 
 def _submission(*cells: str) -> dict:
@@ -139,6 +155,8 @@ def graded(tmp_path_factory):
     (subs / "b_system_exit.ipynb").write_text(json.dumps(_submission("raise SystemExit(3)", CORRECT)))
     (subs / "b_stub.ipynb").write_text(json.dumps(student_notebook(exercise(), "add")))
     (subs / '=HYPERLINK("evil","click").ipynb').write_text(json.dumps(_submission(CORRECT)))
+    (subs / "b_hangs_on_one_test.ipynb").write_text(json.dumps(_submission(HANGS_ON_ONE)))
+    (subs / NON_UTF8_NAME).write_text(json.dumps(_submission(CORRECT)))
     (subs / "z_good.ipynb").write_text(json.dumps(_submission(CORRECT)))  # graded after every attack
     (subs / "c_not_json.ipynb").write_text('{"cells": [ not json')
     (subs / "c_folder.ipynb").mkdir()
@@ -166,9 +184,9 @@ def _feedback(graded, student: str) -> str:
 
 def test_honest_submissions_get_exactly_their_points(graded):
     rows = graded["rows"]
-    assert rows["z_good"]["points"] == "3" and rows["z_good"]["message"] == "all 2 tests passed"
+    assert rows["z_good"]["points"] == "3" and rows["z_good"]["message"] == "all 3 tests passed"
     assert rows["b_partial"]["points"] == "1"
-    assert "adds_negative_numbers (hidden test): the result is wrong" in rows["b_partial"]["message"]
+    assert "adds_negative_numbers (hidden test): wrong values" in rows["b_partial"]["message"]
     assert rows["b_stub"]["points"] == "0" and "not attempted" in rows["b_stub"]["message"]
     assert all(row["max_points"] == "3" for row in rows.values())
 
@@ -190,7 +208,7 @@ def test_feedback_never_holds_hidden_test_source_or_the_solution(graded):
     for path in (graded["results"] / "feedback").iterdir():
         text = path.read_text(encoding="utf-8")
         assert "add(-1, -2)" not in text and "return a + b" not in text and "expect=" not in text, path.name
-    assert "raised an exception of its own class" in _feedback(graded, "a_leak_hidden_source")
+    assert "adds_small_numbers\n      raised an exception\n" in _feedback(graded, "a_leak_hidden_source")
     with open(graded["results"] / "grades.csv", encoding="utf-8") as f:
         text = f.read()
     assert "add(-1, -2)" not in text and "-3" not in text
@@ -216,9 +234,11 @@ def test_no_process_outlives_the_run_and_the_results_stay_put(graded):
 def test_limits_stop_the_run_with_a_clear_message(graded):
     rows = graded["rows"]
     assert "MemoryError" in _feedback(graded, "a_memory")
-    assert "time limit of 20 s while running test adds_small_numbers" in rows["a_infinite_loop"]["message"]
+    assert "adds_small_numbers: timed out" in rows["a_infinite_loop"]["message"]
+    assert "time limit of 20 s while running test adds_small_numbers" in rows["a_catches_the_time_budget"]["message"]
     assert "wrote more than 16 MB of results" in rows["a_huge_channel"]["message"]
     assert rows["a_huge_stdout"]["message"].startswith("adds_small_numbers: the result is wrong: expected 3, got 0")
+    assert rows["a_huge_stdout"]["message"].endswith("adds_negative_numbers (hidden test): wrong values")
     assert "the run ended before its work was done" in rows["a_os_exit"]["message"]
     assert "PermissionError" in _feedback(graded, "a_spawnv_passfds")
     assert "RuntimeError: fork returned [-1]" in _feedback(graded, "a_ctypes_fork_setsid")
@@ -228,14 +248,16 @@ def test_limits_stop_the_run_with_a_clear_message(graded):
 
 def test_malformed_reports_change_nothing(graded):
     row, feedback = graded["rows"]["a_malformed_reports"], _feedback(graded, "a_malformed_reports")
-    assert "adds_small_numbers: the result could not be read" in row["message"]
+    assert "adds_small_numbers: wrong type" in row["message"] or "adds_small_numbers: the result could not be read" \
+        in row["message"]
     assert "code cell 999" not in feedback and "running ['x']" not in row["message"]
 
 
 def test_student_exceptions_cost_only_their_test(graded):
     rows = graded["rows"]
-    assert "raised KeyboardInterrupt" in rows["a_keyboard_interrupt"]["message"]
-    assert "raised RecursionError" in rows["a_recursion"]["message"]
+    assert "adds_small_numbers: your code raised KeyboardInterrupt" in rows["a_keyboard_interrupt"]["message"]
+    assert "adds_negative_numbers (hidden test): raised an exception" in rows["a_keyboard_interrupt"]["message"]
+    assert "adds_small_numbers: your code raised RecursionError" in rows["a_recursion"]["message"]
     assert "code cell 2 (`raise SystemExit(3)`): SystemExit: 3" in _feedback(graded, "b_system_exit")
     assert rows["b_system_exit"]["points"] == "3", "a cell that calls exit() costs that cell only"
 
@@ -262,6 +284,43 @@ def test_a_hostile_student_name_is_no_formula_in_the_csv(graded):
     assert csv_safe("plain") == "plain"
 
 
+def test_one_submission_never_stops_the_class(graded):
+    """Results the grader cannot decode, and a file name that is not UTF-8, cost their own submission only."""
+    rows = graded["rows"]
+    assert rows["a_overflowing_tensor"]["points"] == "0"
+    assert "adds_small_numbers: the result could not be read" in rows["a_overflowing_tensor"]["message"]
+    shown = next(name for name in rows if name.startswith("caf"))
+    assert shown == "caf\ufffd?" and rows[shown]["points"] == "3"
+    assert (graded["results"] / "feedback" / "caf__.txt").is_file()
+    assert rows["z_good"]["points"] == "3"
+
+
+def test_hidden_tests_report_only_the_graders_categories(graded):
+    """Nothing the submission chose (exception names, dict keys) is echoed for a hidden test; every field is capped."""
+    for attack in ("builtin_named_error", "source_in_dict_keys"):
+        feedback = _feedback(graded, f"a_{attack}")
+        assert "return add" not in feedback and "add(-1, -2)" not in feedback and "expect=" not in feedback, feedback
+        assert "adds_negative_numbers (hidden test)\n      " in feedback
+    assert "adds_negative_numbers (hidden test)\n      raised an exception\n" in _feedback(graded, "a_builtin_named_error")
+    assert "adds_negative_numbers (hidden test)\n      wrong type\n" in _feedback(graded, "a_source_in_dict_keys")
+    size = (graded["results"] / "grades.csv").stat().st_size
+    assert size < 100_000, f"grades.csv has {size} bytes"
+    assert all(len(row["message"]) <= 2000 for row in graded["rows"].values())
+
+
+def test_visible_tests_that_answer_themselves_earn_nothing(graded):
+    """The submission wraps the test registration and answers each visible test with its own expect= value: the
+    visible test passes, but only hidden tests give points."""
+    row = graded["rows"]["a_self_answering"]
+    assert "adds_small_numbers" not in row["message"], "the attack should pass the visible test"
+    assert row["points"] == "0" and "adds_negative_numbers (hidden test): wrong values" in row["message"]
+
+
+def test_a_test_that_hangs_costs_that_test_only(graded):
+    row = graded["rows"]["b_hangs_on_one_test"]
+    assert row["points"] == "2" and row["message"] == "adds_positive_numbers (hidden test): timed out"
+
+
 def test_grading_the_class_is_quick(graded):
     print(f"graded {len(graded['rows'])} entries in {graded['seconds']:.1f} s")
     assert graded["seconds"] < 180
@@ -280,6 +339,27 @@ def test_bad_options_are_refused_before_anyone_is_graded(tmp_path, capsys, optio
                  str(tmp_path / "missing.ipynb"), option, value])
     assert code == 1 and message in capsys.readouterr().err
     assert time.perf_counter() - start < 5 and not (tmp_path / "results" / "grades.csv").exists()
+
+
+def test_an_empty_folder_is_an_error_and_nothing_is_written(tmp_path, capsys):
+    source = tmp_path / "add.ipynb"
+    source.write_text(json.dumps(exercise()))
+    (tmp_path / "subs").mkdir()
+    (tmp_path / "subs" / "notes.txt").write_text("not a notebook")
+    code = main(["grade", str(tmp_path / "subs"), str(tmp_path / "results"), "--exercise", str(source)])
+    assert code == 1 and "holds no notebooks (*.ipynb); nothing to grade" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_missing_exercise_is_refused_before_anything_is_written(tmp_path, capsys):
+    (tmp_path / "subs").mkdir()
+    (tmp_path / "subs" / "x.ipynb").write_text(json.dumps(_submission(CORRECT)))
+    code = main(["grade", str(tmp_path / "subs"), str(tmp_path / "results"), "--exercise", str(tmp_path / "no.ipynb")])
+    assert code == 1 and "exercise: " in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+    with pytest.raises(SystemExit):  # argparse: --exercise is required
+        main(["grade", str(tmp_path / "subs"), str(tmp_path / "results")])
+    assert not (tmp_path / "results").exists()
 
 
 def test_a_results_path_that_is_a_file_is_refused_before_anyone_is_graded(tmp_path, capsys):
@@ -308,9 +388,9 @@ def test_without_bubblewrap_grading_refuses_unless_told_no_sandbox(tmp_path, mon
 
 
 def test_the_seccomp_program_knows_this_machine():
-    program = no_fork_filter()
+    program = sandbox_filter()
     assert program is not None and len(program) % 8 == 0
-    assert no_fork_filter("riscv64") is None
+    assert sandbox_filter("riscv64") is None
 
 
 def test_a_correct_solution_in_a_thirty_student_class_is_graded_in_under_two_minutes(tmp_path):

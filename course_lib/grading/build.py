@@ -4,7 +4,10 @@ Every ``*.ipynb`` directly in the sources folder (``exercises/instructor``) is a
 exercise is adding one file. The build checks each source's markers and task headers, runs its solutions
 against all of its tests and refuses to write anything when one fails; then it writes the learner notebook
 (``exercises/NN_topic_exercises.ipynb``): solutions stubbed out, hidden tests and outputs removed, an "Open in
-Colab" badge and a setup cell on top. The learner notebook is a pure function of its source, so
+Colab" badge and a setup cell on top. It also replaces each task's functions with trivial stand-ins
+(``trivial.STAND_INS``: return the input, None, zeros, the uniform distribution...) and refuses the exercise when
+one of them passes a hidden test: only hidden tests give points, and none may give them for nothing. The
+learner notebook is a pure function of its source, so
 ``build --check`` can tell, without running anything, whether a committed learner notebook is out of date.
 """
 
@@ -31,14 +34,28 @@ def source_notebooks(source_dir: Path) -> list[Path]:
 
 def learner_notebook(source: dict, name: str, path_in_repo: str, project: Project) -> str:
     """The text of the learner notebook cut from ``source``: the student version with the Colab badge (for the
-    learner notebook at ``path_in_repo``) and setup cell first, without execution timestamps."""
+    learner notebook at ``path_in_repo``) and setup cell first, a cell on ``course exercises validate`` last,
+    without execution timestamps."""
     notebook = student_notebook(source, name)
     for cell in notebook["cells"]:
         cell.get("metadata", {}).pop("execution", None)
     placeholders = [{"cell_type": kind, "id": f"course-setup-{kind}", "metadata": {"tags": [SETUP_TAG]}, "source": []}
                     for kind in ("markdown", "code")]
     placeholders[1].update(execution_count=None, outputs=[])
-    notebook["cells"] = placeholders + notebook["cells"]  # fixed ids: the same source always builds the same file
+    file_name = Path(path_in_repo).name
+    validate = f"""## Before you hand in
+
+Save the notebook, then run, in a terminal in this notebook's folder:
+
+    course exercises validate {file_name}
+
+(or `!course exercises validate {file_name}` in a code cell). It runs the saved file from top to bottom in a fresh
+process, as the grader will, and tells you which cells raise an error and which of the tests above fail; the grader
+then adds hidden tests on other inputs. On Colab the notebook is not a file on the machine: download it (File >
+Download > Download .ipynb) and validate it where the course is installed."""
+    last = {"cell_type": "markdown", "id": "course-validate-markdown", "metadata": {},
+            "source": validate.splitlines(keepends=True)}
+    notebook["cells"] = placeholders + notebook["cells"] + [last]  # fixed ids: the same source, the same file
     return notebook_json(with_setup_cells(notebook, badge_source(project, path_in_repo), setup_source(project)))
 
 
@@ -64,10 +81,11 @@ def out_of_date(source_dir: Path, student_dir: Path) -> list[Path]:
     return [p for p, text in texts.items() if not p.is_file() or p.read_text(encoding="utf-8") != text]
 
 
-def build(source_dir: Path, student_dir: Path, timeout: float = 120.0, jobs: int = 1) -> dict[str, Reference]:
+def build(source_dir: Path, student_dir: Path, timeout: float = 600.0, jobs: int = 1) -> dict[str, Reference]:
     """Verify every exercise in ``source_dir`` and write its learner notebook to ``student_dir``.
 
-    Raises ExerciseError (writing nothing) when a solution fails its tests or a task header states other points.
+    Raises ExerciseError (writing nothing) when a solution fails its tests, a trivial stand-in passes a hidden
+    test, or a task header states other points than its hidden tests give.
     Returns the verified references by notebook name, which ``grade_folder`` accepts to skip verifying again.
     """
     sources, student_dir = source_notebooks(source_dir), Path(student_dir)
@@ -77,7 +95,7 @@ def build(source_dir: Path, student_dir: Path, timeout: float = 120.0, jobs: int
 
     def try_verify(path: Path) -> Reference | str:
         try:  # the instructor's own notebooks: no sandbox needed (and none on macOS)
-            reference = verify(path, Limits(timeout=timeout), use_sandbox=False)
+            reference = verify(path, Limits(timeout=timeout), use_sandbox=False, check_trivial=True)
         except ExerciseError as exc:
             return str(exc)
         return _check_headers(reference) or reference

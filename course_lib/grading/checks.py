@@ -45,7 +45,7 @@ class Test:
     name: str
     run: Callable[[], Any]   # calls the learner's code and returns its result (data, see values.py)
     hint: str
-    points: float
+    points: float | None     # None: the default (1 point for a hidden test; a visible test gives none)
     expect: Any = _NOTHING   # the expected result, or a no-argument function that computes it
     atol: float | None = None
     rtol: float | None = None
@@ -63,8 +63,6 @@ class Outcome:
     question: str
     name: str
     passed: bool
-    points: float       # earned
-    max_points: float
     message: str        # why it failed; "" when it passed
     hint: str
     not_started: bool = False  # the learner's code still raises the stub's NotImplementedError
@@ -74,9 +72,12 @@ class Outcome:
 REGISTRY: dict[str, dict[str, Test]] = {}
 
 
-def test(question: str, hint: str = "", points: float = 1.0, *, expect: Any = _NOTHING,
+def test(question: str, hint: str = "", points: float | None = None, *, expect: Any = _NOTHING,
          atol: float | None = None, rtol: float | None = None) -> Callable:
-    """Decorator: register a no-argument function as a test of ``question``, worth ``points``.
+    """Decorator: register a no-argument function as a test of ``question``.
+
+    Only hidden tests give points (``points``, 1 by default): a visible test's expected result can be looked up
+    by the learner, so it gives feedback only and may not state ``points``.
 
     The function calls the learner's code on inputs it chooses and returns the result as data (numbers,
     strings, tensors, lists and dicts of those); ``expect`` is the right result, or a no-argument function
@@ -89,12 +90,12 @@ def test(question: str, hint: str = "", points: float = 1.0, *, expect: Any = _N
     """
     if not isinstance(question, str) or not question:
         raise ValueError(f"question must be a non-empty string like 'q1', got {question!r}")
-    if not (isinstance(points, (int, float)) and math.isfinite(points) and points > 0):
-        raise ValueError(f"points must be a positive number, got {points!r}")
+    if points is not None and not (isinstance(points, (int, float)) and math.isfinite(points) and points > 0):
+        raise ValueError(f"points must be a positive number (or None for the default), got {points!r}")
 
     def register(fn: Callable[[], Any]) -> Callable[[], Any]:
-        REGISTRY.setdefault(question, {})[fn.__name__] = Test(question, fn.__name__, fn, hint, float(points),
-                                                              expect, atol, rtol)
+        REGISTRY.setdefault(question, {})[fn.__name__] = Test(question, fn.__name__, fn, hint, points, expect,
+                                                              atol, rtol)
         return fn
 
     return register
@@ -137,8 +138,7 @@ def run_test(t: Test) -> Outcome:
     Both go through ``values.encode``/``decode`` (as they do when grading), both with the same seed."""
     def outcome(message: str = "", not_started: bool = False) -> Outcome:
         passed = not message
-        return Outcome(t.question, t.name, passed, t.points if passed else 0.0, t.points, message, t.hint,
-                       not_started)
+        return Outcome(t.question, t.name, passed, message, t.hint, not_started)
 
     if not t.has_expect:
         return outcome("this test has no expect=... (a mistake in the exercise, not in your code)")
@@ -166,16 +166,13 @@ def _indent(text: str, prefix: str = "    ") -> str:
 
 
 def _summary() -> None:
-    """One line per task (done, failing, not attempted) and the points of the passed tests."""
+    """One line per task: done, failing or not attempted."""
     if not REGISTRY:
         print("No tests yet: run the notebook's cells from the top (Run > Run All Cells), then check() again.")
         return
-    earned = total = 0.0
     for question in REGISTRY:
         outcomes = run_tests(question)
         passed = sum(o.passed for o in outcomes)
-        earned += sum(o.points for o in outcomes)
-        total += sum(o.max_points for o in outcomes)
         if passed == len(outcomes):
             state = f"done, all {len(outcomes)} tests pass"
         elif all(o.not_started for o in outcomes):
@@ -183,8 +180,8 @@ def _summary() -> None:
         else:
             state = f"{len(outcomes) - passed} of {len(outcomes)} tests failing: run check({question!r}) for details"
         print(f"{question}: {state}")
-    print(f"Total: {earned:g} / {total:g} points from the tests in this notebook (your instructor's grading may "
-          "add hidden tests)")
+    print("These tests show whether your code works; the points come from the grader's tests of the same "
+          "behaviour on other inputs.")
 
 
 def check(question: str | None = None) -> None:

@@ -12,6 +12,7 @@ sent into its sandbox, so no hidden test or solution can reach a feedback file.
 from __future__ import annotations
 
 import ast
+import builtins
 import csv
 import io
 import json
@@ -22,12 +23,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from course_lib.grading import sandbox
-from course_lib.grading.markers import hidden_blocks, is_check_cell, is_tests_cell, strip_hidden, student_notebook
-from course_lib.grading.submissions import Submission, code_cells, library_uses, read_folder
-from course_lib.grading.values import compare_values, decode
+from course_lib.grading import sandbox, trivial
+from course_lib.grading.markers import (hidden_blocks, is_check_cell, is_tests_cell, solution_functions, strip_hidden,
+                                        student_notebook)
+from course_lib.grading.submissions import Submission, code_cells, learner_cells, library_uses, read_folder
+from course_lib.grading.values import compare_values, decode, difference
 
 _RUNNING = re.compile(r"^(code cell \d+|test \w+)$")
+# The only words feedback gives about a hidden test: the submission chose every other text it could send.
+RAISED, TIMED_OUT, NOT_ATTEMPTED, NOT_RUN = "raised an exception", "timed out", "not attempted", "not run"
+_BUILTIN_ERRORS = frozenset(name for name, value in vars(builtins).items()
+                            if isinstance(value, type) and issubclass(value, BaseException))
+MAX_FIELD = 2000       # characters of one CSV field or feedback message
+TEST_SECONDS = 20.0    # one test's time budget inside a run (at most a quarter of the run's)
 
 
 class ExerciseError(ValueError):
@@ -105,30 +113,82 @@ def _load_source(source: Path) -> tuple[dict, list[str], list[str]]:
     return notebook, [c for c in cells if not (is_tests_cell(c) or is_check_cell(c))], tests
 
 
-def verify(source: Path, limits: sandbox.Limits | None = None, use_sandbox: bool = True) -> Reference:
-    """Run the source notebook's solutions against all its tests; ExerciseError unless everything passes."""
+def _trivial_jobs(notebook: dict, hidden_parts: list[str]) -> list[tuple[str, str, dict]]:
+    """(question, stand-in, job) for every task and trivial stand-in: replace the task's functions, run the
+    hidden tests of that question only, put the functions back."""
+    jobs = []
+    for question, targets in solution_functions(notebook).items():
+        for kind in trivial.STAND_INS:
+            jobs.append((question, kind, {"cells": [trivial.replace_source(targets, kind)]}))
+            jobs += [(question, kind, {"tests": without_expect(part), "only": question, "seconds": 10.0})
+                     for part in hidden_parts]
+            jobs.append((question, kind, {"cells": [trivial.RESTORE_SOURCE]}))
+    return jobs
+
+
+def _trivial_passes(run: sandbox.Run, first: int, jobs: list[tuple[str, str, dict]],
+                    tests: list[RefTest]) -> list[str]:
+    """What each trivial stand-in earned: one line per stand-in that passed a hidden test of its task."""
+    by_key = {(t.question, t.name): t for t in tests}
+    earned: dict[tuple[str, str], list[RefTest]] = {}
+    for sent, entry in run.entries:
+        if sent <= first or "test" not in entry or "value" not in entry["result"]:
+            continue
+        question, kind, _job = jobs[sent - first - 1]
+        t = by_key.get((entry["test"]["question"], entry["test"]["name"]))
+        if t and t.hidden and t.question == question and \
+                not compare_values(decode(entry["result"]["value"]), t.expected, t.atol, t.rtol):
+            earned.setdefault((question, kind), []).append(t)
+    return [f"{q}: a stand-in that {kind} passes {', '.join(t.name for t in passed)} "
+            f"({sum(t.points for t in passed):g} points): make the hidden tests fail it"
+            for (q, kind), passed in earned.items()]
+
+
+def _rule_problems(reported: list[tuple[dict, bool]]) -> list[str]:
+    """The exercise's points rule, for (test, hidden) pairs: visible tests give feedback only, and every question
+    has a hidden test."""
+    problems = [f"test {t['name']} of {t['question']} is visible and states points=: a visible test's expected "
+                "result can be looked up by the learner, so points belong to hidden tests only"
+                for t, hidden in reported if not hidden and t["points"] is not None]
+    questions = dict.fromkeys(t["question"] for t, _hidden in reported)
+    problems += [f"{q} has no hidden test, and only hidden tests give points" for q in questions
+                 if not any(hidden for t, hidden in reported if t["question"] == q)]
+    return problems
+
+
+def verify(source: Path, limits: sandbox.Limits | None = None, use_sandbox: bool = True,
+           check_trivial: bool = False) -> Reference:
+    """Run the source notebook's solutions against all its tests; ExerciseError unless everything passes.
+
+    With ``check_trivial``, also run each task's hidden tests on trivial stand-ins (``trivial.STAND_INS``) and
+    refuse the exercise when one of them passes a hidden test."""
     source, limits = Path(source), limits or sandbox.Limits(timeout=120.0)
     notebook, cells, tests_cells = _load_source(source)
     parts, visible = _test_parts(tests_cells, source)
-    run = sandbox.run_sandboxed([{"cells": cells}, *({"tests": p} for p in parts)], limits, sandbox=use_sandbox)
-    failures = [f"cell {e['cell_error']['cell']}: {e['cell_error']['error']}" for _, e in run.entries
-                if "cell_error" in e] + [f"tests cell: {e['tests_error']}" for _, e in run.entries if "tests_error" in e]
-    tests = []
-    for sent, entry in run.entries:
+    first_run = [{"cells": cells}, *({"tests": p} for p in parts)]
+    trivial_jobs = _trivial_jobs(notebook, parts[visible:]) if check_trivial else []
+    run = sandbox.run_sandboxed(first_run + [job for _q, _k, job in trivial_jobs], limits, sandbox=use_sandbox)
+    mine = [(sent, e) for sent, e in run.entries if sent <= len(first_run)]
+    failures = [f"cell {e['cell_error']['cell']}: {e['cell_error']['error']}" for _, e in mine
+                if "cell_error" in e] + [f"tests cell: {e['tests_error']}" for _, e in mine if "tests_error" in e]
+    tests, reported = [], []
+    for sent, entry in mine:
         if "test" not in entry:
             continue
-        t = entry["test"]
+        t, hidden = entry["test"], sent - 1 > visible
+        reported.append((t, hidden))
         if "value" not in entry.get("expected", {}):
             failures.append(f"test {t['name']}: no expect= value could be computed ({entry.get('expected')})")
             continue
         expected = decode(entry["expected"]["value"])
         result = entry["result"]
         problem = (compare_values(decode(result["value"]), expected, t["atol"], t["rtol"]) if "value" in result
-                   else f"raised {result.get('raised') or result.get('unsupported')}")
+                   else f"raised {result.get('raised') or result.get('unsupported') or 'nothing: it timed out'}")
         if problem:
             failures.append(f"test {t['name']} of {t['question']}: {problem}")
-        tests.append(RefTest(t["question"], t["name"], t["points"], t["hint"], sent - 1 > visible, expected,
-                             t["atol"], t["rtol"]))
+        points = (1.0 if t["points"] is None else float(t["points"])) if hidden else 0.0
+        tests.append(RefTest(t["question"], t["name"], points, t["hint"], hidden, expected, t["atol"], t["rtol"]))
+    failures += _rule_problems(reported)
     names = [(t.question, t.name) for t in tests]
     if len(set(names)) != len(names):
         failures.append("two tests of one question have the same name")
@@ -136,10 +196,12 @@ def verify(source: Path, limits: sandbox.Limits | None = None, use_sandbox: bool
         details = "; ".join(filter(None, [run.problem, *failures])) or "it defines no tests"
         raise ExerciseError(f"{source.name}: the solution does not pass its own tests: {details}"
                             + (f"\n{run.diagnostics[-2000:]}" if run.problem and run.diagnostics else ""))
-    template = code_cells(student_notebook(notebook, source.stem))
+    if earned := _trivial_passes(run, len(first_run), trivial_jobs, tests):
+        raise ExerciseError(f"{source.name}: trivial code earns points: " + "; ".join(earned))
+    template = learner_cells(student_notebook(notebook, source.stem))
     library = notebook.get("metadata", {}).get("grading", {}).get("library_implementations", {})
-    return Reference(source, tests, [{"tests": without_expect(p)} for p in parts], visible, template, library,
-                     use_sandbox, run.seconds)
+    return Reference(source, tests, [{"tests": without_expect(p)} for p in parts], visible,
+                     template, library, use_sandbox, run.seconds)
 
 
 @dataclass
@@ -148,7 +210,7 @@ class Verdict:
 
     test: RefTest
     passed: bool = False
-    message: str = "not run (the run ended before this test)"
+    message: str = f"{NOT_RUN} (the run ended before this test)"
     not_started: bool = False
 
 
@@ -166,24 +228,30 @@ class Graded:
 
 
 def _verdict(test: RefTest, result: dict, trusted_text: bool) -> Verdict:
-    """Compare what a submission returned for ``test`` with the instructor's expectation."""
+    """Compare what a submission returned for ``test`` with the instructor's expectation. A hidden test's message
+    is one of the grader's categories; a visible test's message may show values, capped."""
     verdict = Verdict(test)
     if "value" in result:
         try:
-            actual = decode(result["value"])
-        except (ValueError, TypeError, OverflowError):
-            verdict.message = "the result could not be read"
-            return verdict
-        difference = compare_values(actual, test.expected, test.atol, test.rtol, show=not test.hidden)
-        verdict.passed, verdict.message = not difference, difference
+            kind, text = difference(decode(result["value"]), test.expected, test.atol, test.rtol,
+                                    show=not test.hidden)
+        except Exception:  # noqa: BLE001 -- data the submission made: whatever decoding it raises costs this test
+            kind, text = "wrong type", "the result could not be read"
+        verdict.passed, verdict.message = not kind, text
+        if kind and test.hidden:
+            verdict.message = kind
     elif result.get("stub") is True:
-        verdict.not_started, verdict.message = True, "not attempted: the code still raises NotImplementedError"
-    elif isinstance(result.get("raised"), str):
-        verdict.message = f"your code raised {result['raised'][:60]}"
-    elif isinstance(result.get("unsupported"), str) and trusted_text:
+        verdict.not_started, verdict.message = True, f"{NOT_ATTEMPTED}: the code still raises NotImplementedError"
+    elif result.get("timed_out") is True:
+        verdict.message = TIMED_OUT
+    elif "raised" in result:
+        name = result["raised"]
+        shown = not test.hidden and isinstance(name, str) and name in _BUILTIN_ERRORS
+        verdict.message = f"your code raised {name}" if shown else RAISED
+    elif isinstance(result.get("unsupported"), str) and trusted_text and not test.hidden:
         verdict.message = result["unsupported"][:300]
     else:
-        verdict.message = "the result could not be read"
+        verdict.message = "wrong type" if test.hidden else "the result could not be read"
     return verdict
 
 
@@ -198,8 +266,10 @@ def _first_line(cell: str) -> str:
 def grade_submission(submission: Submission, reference: Reference, limits: sandbox.Limits) -> Graded:
     """Run one submission in its sandbox and decide every test of the reference here."""
     graded = Graded(submission.student, [Verdict(t) for t in reference.tests])
-    run = sandbox.run_sandboxed([{"cells": submission.cells}, *reference.submission_jobs], limits,
-                      sandbox=reference.sandboxed)
+    seconds = min(TEST_SECONDS, limits.timeout / 4)  # a test that hangs costs that test, not the run
+    run = sandbox.run_sandboxed([{"cells": submission.cells}, *({**job, "seconds": seconds}
+                                                                for job in reference.submission_jobs)],
+                                limits, sandbox=reference.sandboxed)
     graded.seconds = run.seconds
     by_name = {(t.question, t.name): v for t, v in zip(reference.tests, graded.verdicts)}
     seen, errors, running = set(), {}, "the start"
@@ -216,15 +286,32 @@ def grade_submission(submission: Submission, reference: Reference, limits: sandb
         if key in by_name and key not in seen:  # one verdict per test the grader asked for; the rest is ignored
             seen.add(key)
             by_name[key] = _verdict(by_name[key].test, result, trusted_text=sent - 1 <= reference.visible_jobs)
-    graded.verdicts = list(by_name.values())
     graded.cell_errors = [f"code cell {cell} ({_first_line(submission.cells[int(cell) - 1])}): {text}"
                           for cell, text in sorted(errors.items())]
     if run.problem:
-        known = running if running.startswith("code cell") or running[5:] in {t.name for t in reference.tests} \
-            else "the start"
+        names = {t.name for t in reference.tests}
+        known = running if running.startswith("code cell") or running[5:] in names else "the start"
         graded.problem = f"{run.problem} while running {known}"
+        for key, verdict in by_name.items():
+            if known == f"test {key[1]}" and key not in seen:
+                verdict.message = TIMED_OUT if run.problem.startswith("stopped after the time limit") else RAISED
+    graded.verdicts = list(by_name.values())
     graded.flags = library_uses(submission.cells, reference.template, reference.library)
     return graded
+
+
+def _graded_safely(submission: Submission, reference: Reference, limits: sandbox.Limits) -> Graded:
+    """``grade_submission``, but anything that goes wrong while grading it costs this submission only."""
+    try:
+        return grade_submission(submission, reference, limits)
+    except Exception as exc:  # noqa: BLE001 -- one submission must never stop the class
+        failed = Graded(submission.student, [Verdict(t, message=NOT_RUN) for t in reference.tests])
+        failed.problem = f"the grader could not grade this submission ({type(exc).__name__}); 0 points"
+        return failed
+
+
+def _cap(text: str) -> str:
+    return text if len(text) <= MAX_FIELD else text[:MAX_FIELD - 5] + "[...]"
 
 
 def _message(graded: Graded, question: str) -> str:
@@ -233,18 +320,20 @@ def _message(graded: Graded, question: str) -> str:
     parts += [f"flagged: uses {', '.join(graded.flags[question])} (the library's own implementation of this task)"] \
         if question in graded.flags else []
     if all(v.not_started for v in mine):
-        return " | ".join(parts + ["not attempted: the code still raises NotImplementedError"])
+        return _cap(" | ".join(parts + [f"{NOT_ATTEMPTED}: the code still raises NotImplementedError"]))
     failed = [v for v in mine if not v.passed]
     if not failed:
-        return " | ".join(parts + [f"all {len(mine)} tests passed"])
-    return " | ".join(parts + [f"{v.test.name}{' (hidden test)' if v.test.hidden else ''}: {v.message}"
-                               for v in failed])
+        return _cap(" | ".join(parts + [f"all {len(mine)} tests passed"]))
+    return _cap(" | ".join(parts + [f"{v.test.name}{' (hidden test)' if v.test.hidden else ''}: {v.message}"
+                                    for v in failed]))
 
 
 def _feedback(graded: Graded, reference: Reference) -> str:
     total = sum(graded.earned(q) for q in reference.questions)
     lines = [f"Feedback for {graded.student} on {reference.source.stem}",
-             f"Total: {total:g} / {sum(reference.questions.values()):g} points", ""]
+             f"Total: {total:g} / {sum(reference.questions.values()):g} points", "",
+             "Points come from the hidden tests (other inputs than the ones you saw); the visible tests give "
+             "feedback.", ""]
     if not reference.sandboxed:
         lines += ["Note: graded WITHOUT the sandbox (--no-sandbox).", ""]
     if graded.problem:
@@ -258,10 +347,10 @@ def _feedback(graded: Graded, reference: Reference) -> str:
             hidden = " (hidden test)" if v.test.hidden else ""
             lines.append(f"  {'passed' if v.passed else 'FAILED'}  {v.test.name}{hidden}")
             if not v.passed:
-                lines.append(f"      {v.message}")
+                lines.append(f"      {_cap(v.message)}")
                 lines += [f"      hint: {v.test.hint}"] if v.test.hint else []
     if graded.cell_errors:
-        lines += ["", "Cells of your notebook that raised an error:"] + [f"  {e}" for e in graded.cell_errors]
+        lines += ["", "Cells of your notebook that raised an error:"] + [f"  {_cap(e)}" for e in graded.cell_errors]
     return "\n".join(lines) + "\n"
 
 
@@ -282,11 +371,27 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def display_names(students: list[str]) -> list[str]:
+    """Each student name as plain printable text: undecodable bytes and control characters replaced, at most
+    100 characters, made distinct (a suffix -2, -3...) where that made two names equal."""
+    shown, used = [], set()
+    for student in students:
+        text = student.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        base = "".join(c if c.isprintable() else "?" for c in text)[:100] or "?"
+        name, n = base, 1
+        while name in used:
+            n += 1
+            name = f"{base}-{n}"
+        used.add(name)
+        shown.append(name)
+    return shown
+
+
 def _feedback_names(students: list[str]) -> dict[str, str]:
     """student -> a plain file name for their feedback (letters, digits, . _ -), distinct for distinct students."""
     names, used = {}, set()
     for student in students:
-        base = re.sub(r"[^\w.-]", "_", student).lstrip(".") or "_"
+        base = re.sub(r"[^\w.-]", "_", student, flags=re.ASCII).lstrip(".")[:100] or "_"
         name, n = base, 1
         while name.lower() in used:
             n += 1
@@ -302,18 +407,37 @@ def check_jobs(jobs: int) -> None:
         raise ValueError(f"jobs must be a whole number >= 1, got {jobs!r}")
 
 
-def _prepare_results(results: Path, submissions: Path) -> None:
-    """Make sure the results folder can be written, before anyone is graded."""
+def _check_results(results: Path, submissions: Path) -> None:
+    """ValueError unless the results folder could be made and written (nothing is created yet)."""
     if results.resolve() == submissions.resolve():
         raise ValueError("results must be a different folder from the submissions")
     if results.exists() and not results.is_dir():
         raise ValueError(f"results: {results} exists and is not a folder")
+    existing = next(p for p in [results, *results.resolve().parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"results: cannot write to {results} ({existing} is not writable)")
+
+
+def _prepare_results(results: Path) -> None:
     try:
         (results / "feedback").mkdir(parents=True, exist_ok=True)
-        _write_atomically(results / "feedback" / ".write-test", "")
-        os.unlink(results / "feedback" / ".write-test")
     except OSError as exc:
         raise ValueError(f"results: cannot write to {results} ({exc.strerror})") from None
+
+
+def _write_results(results: Path, rows: list[dict], feedback: dict[str, str]) -> None:
+    """``feedback/<student>.txt`` for each student (a file that cannot be written is reported, not fatal), then
+    ``grades.csv``."""
+    for student, name in _feedback_names(list(feedback)).items():
+        try:
+            _write_atomically(results / "feedback" / f"{name}.txt", feedback[student])
+        except OSError as exc:
+            print(f"{student}: could not write the feedback file ({exc.strerror})", flush=True)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["student", "question", "points", "max_points", "message"])
+    writer.writeheader()
+    writer.writerows({k: csv_safe(_cap(v)) for k, v in row.items()} for row in rows)
+    _write_atomically(results / "grades.csv", out.getvalue())
 
 
 def grade_folder(source: Path, submissions: Path, results: Path, timeout: float = 60.0, jobs: int = 1,
@@ -321,28 +445,36 @@ def grade_folder(source: Path, submissions: Path, results: Path, timeout: float 
                  memory_mb: int = 4096) -> list[dict]:
     """Grade every ``*.ipynb`` entry of ``submissions``; write ``grades.csv`` and ``feedback/<student>.txt``.
 
-    Every option and the results folder are checked before anyone is graded; the results are written at the
-    end, each file atomically. ``jobs`` submissions run at a time. Returns the CSV rows.
+    Every option, the folders and the exercise are checked before anything is written; one submission's
+    trouble costs that submission only, so ``grades.csv`` is always written. ``jobs`` submissions run at a time.
+    Returns the CSV rows.
     """
     source, submissions, results = Path(source), Path(submissions), Path(results)
     limits = sandbox.Limits(timeout=timeout, memory_mb=memory_mb)  # ValueError for a bad timeout or memory
     check_jobs(jobs)
     if not submissions.is_dir():
         raise ValueError(f"submissions: {submissions} is not a folder of submitted notebooks")
-    _prepare_results(results, submissions)
+    if reference is None and not source.is_file():
+        raise ValueError(f"exercise: {source} is not a file (give the exercise's instructor source notebook)")
+    _check_results(results, submissions)
+    entries = read_folder(submissions)  # everything read before the first submission runs
+    if not entries:
+        raise ValueError(f"submissions: {submissions} holds no notebooks (*.ipynb); nothing to grade")
+    for entry, name in zip(entries, display_names([e.student for e in entries])):
+        entry.student = name
     if use_sandbox and (problem := sandbox.bwrap_problem()):
         raise ValueError(f"cannot grade safely: {problem}. Only for submissions you trust: --no-sandbox")
     reference = reference or verify(source, sandbox.Limits(timeout=max(timeout, 120.0), memory_mb=memory_mb),
                                     use_sandbox)
-    entries = read_folder(submissions)  # everything read before the first submission runs
+    _prepare_results(results)
     gradable = [s for s in entries if s.cells is not None]
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait; the work is in the sandboxes
         graded = dict(zip((s.student for s in gradable),
-                          pool.map(lambda s: grade_submission(s, reference, limits), gradable)))
+                          pool.map(lambda s: _graded_safely(s, reference, limits), gradable)))
     rows, feedback = [], {}
     warning = "" if use_sandbox else "graded without the sandbox | "
     for entry in entries:
-        result = graded.get(entry.student) if entry.cells is not None else None
+        result = graded.get(entry.student)
         if result is None:
             print(f"{entry.student}: not graded: {entry.skipped}", flush=True)
         else:
@@ -355,11 +487,5 @@ def grade_folder(source: Path, submissions: Path, results: Path, timeout: float 
             rows.append({"student": entry.student, "question": question,
                          "points": f"{result.earned(question):g}" if result else "0",
                          "max_points": f"{max_points:g}", "message": warning + message})
-    for student, name in _feedback_names(list(feedback)).items():
-        _write_atomically(results / "feedback" / f"{name}.txt", feedback[student])
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=["student", "question", "points", "max_points", "message"])
-    writer.writeheader()
-    writer.writerows({k: csv_safe(v) for k, v in row.items()} for row in rows)
-    _write_atomically(results / "grades.csv", out.getvalue())
+    _write_results(results, rows, feedback)
     return rows

@@ -14,6 +14,7 @@ version and only run when grading. A check cell is a cell of ``check("q1")`` lin
 
 from __future__ import annotations
 
+import ast
 import copy
 import re
 
@@ -104,6 +105,27 @@ def task_headers(notebook: dict) -> dict[str, tuple[float, int]]:
     for cell in notebook.get("cells", []):
         if cell.get("cell_type") == "markdown" and (match := _TASK_HEADER.match(cell_source(cell))):
             found[match["question"]] = (float(match["points"]), int(match["minutes"]))
+    return found
+
+
+def solution_functions(notebook: dict) -> dict[str, list[tuple[str | None, str]]]:
+    """question -> the ``(class or None, function)`` whose body holds a solution block, in the code cells
+    after that question's task header."""
+    found: dict[str, list[tuple[str | None, str]]] = {}
+    question = None
+    for cell in notebook.get("cells", []):
+        source = cell_source(cell)
+        if cell.get("cell_type") == "markdown" and (match := _TASK_HEADER.match(source)):
+            question = match["question"]
+        if cell.get("cell_type") != "code" or question is None or _BEGIN_SOLUTION not in source:
+            continue
+        starts = {n + 1 for n, line in enumerate(source.splitlines()) if line.strip() == _BEGIN_SOLUTION}
+        for node in ast.parse(source).body:
+            methods = [(node.name, m) for m in node.body] if isinstance(node, ast.ClassDef) else [(None, node)]
+            for owner, fn in methods:
+                if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                        any(fn.lineno < line <= fn.end_lineno for line in starts):
+                    found.setdefault(question, []).append((owner, fn.name))
     return found
 
 

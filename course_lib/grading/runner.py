@@ -6,9 +6,10 @@ The grader sends jobs, one JSON line each, on stdin; the runner answers with JSO
 channel out of the sandbox, read by the grader with a size cap) and a ``{"done": N}`` line after job N:
 
 - ``{"cells": [source, ...]}``: run the notebook's code cells in an IPython shell; report each cell's error.
-- ``{"tests": source}``: run a tests cell, then each test it registered: report the data the test returned
-  (``values.encode``), or the type of what it raised, and the test's ``expect=`` value when the source has
-  one (only the instructor's run does: the grader removes ``expect=`` from what a submission receives).
+- ``{"tests": source, "seconds": s, "only": question}``: run a tests cell, then each test it registered (of
+  ``question`` only, when given): report the data the test returned (``values.encode``), the type of what it
+  raised, or that it ran past ``s`` seconds, and the test's ``expect=`` value when the source has one (only the
+  instructor's run does: the grader removes ``expect=`` from what a submission receives).
 
 Nothing here decides a grade: a submission controls this whole process, so everything it reports is just data
 that the grader compares with the instructor's run outside the sandbox.
@@ -20,6 +21,7 @@ import builtins
 import json
 import os
 import resource
+import signal
 import sys
 
 from course_lib.grading import checks
@@ -47,15 +49,29 @@ def _error_text(result) -> str | None:
     return None if error is None else f"{type(error).__name__}: {error}"[:300]
 
 
-def _value(compute) -> dict:
-    """{"value": data} for what ``compute()`` returned, or {"raised": type, "stub": bool} for what it raised."""
+class _OutOfTime(BaseException):
+    """Raised in a test that runs past its time budget."""
+
+
+def _out_of_time(signum, frame) -> None:
+    raise _OutOfTime
+
+
+def _value(compute, seconds: float = 0.0) -> dict:
+    """{"value": data} for what ``compute()`` returned, {"raised": type, "stub": bool} for what it raised, or
+    {"timed_out": True} when it ran past ``seconds`` (0: no budget)."""
     try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
         with checks.seeded():
             return {"value": encode(compute())}
+    except _OutOfTime:
+        return {"timed_out": True}
     except ValueTypeError as exc:
         return {"unsupported": str(exc)[:300]}
     except BaseException as exc:  # noqa: BLE001 -- SystemExit, KeyboardInterrupt: one test fails, the run goes on
         return {"raised": _error_type(exc), "stub": str(exc) == checks.STUB_MESSAGE}
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def main() -> None:
@@ -79,6 +95,7 @@ def main() -> None:
     # Nobody sees tracebacks here (the errors are reported as one line), and formatting the traceback of a
     # recursion a million frames deep would take minutes.
     shell.showtraceback = shell.showsyntaxerror = lambda *args, **kwargs: None
+    signal.signal(signal.SIGALRM, _out_of_time)
     report(ready=True)
     for number, line in enumerate(sys.stdin, start=1):
         job = json.loads(line)
@@ -92,14 +109,16 @@ def main() -> None:
             shell.user_ns.update(test=checks.test)
             if error := _error_text(shell.run_cell(job["tests"], store_history=False)):
                 report(tests_error=error)
-            for tests in list(checks.REGISTRY.values()):
+            for question, tests in list(checks.REGISTRY.items()):
+                if job.get("only") not in (None, question):
+                    continue
                 for t in list(tests.values()):
                     report(running=f"test {t.name}")
                     entry = {"test": {"question": t.question, "name": t.name, "hint": t.hint, "points": t.points,
                                       "atol": t.atol, "rtol": t.rtol}}
                     if t.has_expect:  # first, so that a result that changes its inputs cannot change it
                         entry["expected"] = _value(t.expected)
-                    entry["result"] = _value(t.run)
+                    entry["result"] = _value(t.run, job.get("seconds", 0.0))
                     report(**entry)
         report(done=number)
     os._exit(0)  # skip the interpreter's teardown (seconds with torch loaded)

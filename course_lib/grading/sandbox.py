@@ -1,18 +1,22 @@
 """The sandbox a submission runs in: bubblewrap, a seccomp filter, resource limits, and a capped channel out.
 
 ``run_sandboxed(jobs, limits)`` starts ``runner.py`` inside ``bwrap`` and feeds it the jobs one at a time (the next only
-after the runner reported the previous one done), reading its report lines with a size cap and a wall-clock
-deadline. Inside, the submission sees:
+after the runner reported the previous one done), reading its report lines with a size cap, per-line bounds
+(``parse_report``) and a wall-clock deadline. Inside, the submission sees:
 
 - no network, and new PID, IPC, UTS, user and cgroup namespaces: it runs as an unprivileged user with no
   capabilities, and every process in the sandbox dies with the run (``--die-with-parent``);
 - read-only: the system (/usr), the Python installation and the installed ``course_lib`` package, nothing else
   of the host (no home folder, no exercise sources, no results folder, no other submission);
-- one fresh, size-capped writable /tmp that disappears with the run, and a cleared environment;
+- one fresh, size-capped writable /tmp (and /dev/shm) that disappears with the run, and a cleared environment;
 - a seccomp filter under which fork, vfork and clone without CLONE_THREAD fail: threads work, new processes
   do not, so nothing outlives the run and nothing forks the machine to death (RLIMIT_NPROC does not bind root);
+  under which memfd_create, memfd_secret, shmget, shmat and msgget fail too: memory that no mapping holds;
 - runner.py's limits on address space, CPU time, file size and open files.
-"""
+
+So the memory a run can hold is bounded by RLIMIT_AS (``Limits.memory_mb``) for its mappings plus the capped /tmp
+and /dev/shm tmpfs (``Limits.tmp_mb``, 256 MB each by default), with memfd and System V shared memory and message
+queues refused. An unprivileged bwrap cannot set cgroup v2 memory limits here, so none bounds the run as a whole."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import math
 import os
 import platform
 import queue
+import select
 import shutil
 import signal
 import struct
@@ -29,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,10 +73,13 @@ class Run:
     diagnostics: str = ""    # the start of bwrap's/runner's stderr, for the instructor's console only
 
 
-# --- seccomp: no new processes --------------------------------------------------------------------------------
+# --- seccomp: no new processes, no memory outside mappings -----------------------------------------------------
 
-_ARCH = {"x86_64": (0xC000003E, {"clone": 56, "fork": 57, "vfork": 58, "clone3": 435}),
-         "aarch64": (0xC00000B7, {"clone": 220, "clone3": 435})}
+_ARCH = {"x86_64": (0xC000003E, {"clone": 56, "fork": 57, "vfork": 58, "clone3": 435, "shmget": 29, "shmat": 30,
+                                 "msgget": 68, "memfd_create": 319, "memfd_secret": 447}),
+         "aarch64": (0xC00000B7, {"clone": 220, "clone3": 435, "shmget": 194, "shmat": 196, "msgget": 186,
+                                  "memfd_create": 279, "memfd_secret": 447})}
+_DENIED = ("fork", "vfork", "shmget", "shmat", "msgget", "memfd_create", "memfd_secret")  # those each arch has
 _LD, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|{JEQ,JGE,JSET}|K, BPF_RET|K
 _ALLOW, _ERRNO, _KILL = 0x7FFF0000, 0x00050000, 0x80000000
 _EPERM, _ENOSYS, _CLONE_THREAD = 1, 38, 0x00010000
@@ -95,16 +104,18 @@ def _assemble(program: list) -> bytes:
     return out
 
 
-def no_fork_filter(machine: str | None = None) -> bytes | None:
-    """A seccomp program that fails fork/vfork/clone-without-CLONE_THREAD with EPERM (and clone3 with ENOSYS,
-    so that the C library falls back to clone); None on an architecture it does not know."""
-    arch, nr = _ARCH.get(machine or platform.machine(), (None, None))
+def sandbox_filter(machine: str | None = None) -> bytes | None:
+    """A seccomp program that fails fork/vfork/clone-without-CLONE_THREAD and the memory calls of ``_DENIED``
+    with EPERM (and clone3 with ENOSYS, so that the C library falls back to clone); None on an architecture it
+    does not know. Any other architecture's calls (32-bit x86 on x86_64) kill the process."""
+    machine = machine or platform.machine()
+    arch, nr = _ARCH.get(machine, (None, None))
     if arch is None:
         return None
     program = [(_LD, 4, None, None), (_JEQ, arch, None, "kill"), (_LD, 0, None, None)]
-    if machine in (None, "x86_64") and "fork" in nr:
-        program += [(_JGE, 0x40000000, "deny", None),  # the x32 ABI's numbers
-                    (_JEQ, nr["fork"], "deny", None), (_JEQ, nr["vfork"], "deny", None)]
+    if machine == "x86_64":
+        program.append((_JGE, 0x40000000, "deny", None))  # the x32 ABI's numbers
+    program += [(_JEQ, nr[name], "deny", None) for name in _DENIED if name in nr]
     program += [(_JEQ, nr["clone3"], "enosys", None), (_JEQ, nr["clone"], None, "allow"),
                 (_LD, 16, None, None), (_JSET, _CLONE_THREAD, "allow", "deny"),
                 "allow", (_RET, _ALLOW, None, None), "deny", (_RET, _ERRNO | _EPERM, None, None),
@@ -180,20 +191,68 @@ def bwrap_problem() -> str:
     return ""
 
 
-# --- running the jobs -----------------------------------------------------------------------------------------
+# --- reading the reports -------------------------------------------------------------------------------------
 
-def _read_lines(stream, lines: queue.Queue, cap: int) -> None:
-    """Put each complete line of ``stream`` on ``lines``; after ``cap`` bytes put "overflow"; at the end None."""
-    total, pending = 0, b""
-    while chunk := stream.read1(65536):
-        total += len(chunk)
-        if total > cap:
-            lines.put("overflow")
+MAX_LINE_BYTES = 4 * 2**20  # one report line; a longer one is skipped (never stored whole)
+MAX_ITEMS = 300_000         # "[", "{", "," and ":" in one line: what json.loads builds grows with them
+MAX_DEPTH = 64              # nesting of one line (values.encode nests at most 2 * values.MAX_DEPTH + 3 deep)
+
+
+def _deeper_than(value: object, depth: int) -> bool:
+    """Whether ``value`` (parsed JSON) nests lists and dicts more than ``depth`` deep; one level at a time."""
+    level = [value]
+    for _ in range(depth):  # after k rounds: the containers k + 1 deep
+        level = [child for item in level for child in (item.values() if isinstance(item, dict) else item)
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return False
+    return True
+
+
+def parse_report(line: bytes) -> dict | None:
+    """The JSON object on one report line, or None for anything else: not ASCII (the runner's ``json.dumps``
+    escapes the rest), over MAX_LINE_BYTES or MAX_ITEMS, nested deeper than MAX_DEPTH, not JSON, not an object.
+    The bounds come before ``json.loads``, so one line costs the grader at most a few tens of MB while parsed."""
+    if len(line) > MAX_LINE_BYTES or not line.isascii():
+        return None
+    brackets = line.count(b"[") + line.count(b"{")
+    if brackets + line.count(b",") + line.count(b":") > MAX_ITEMS:
+        return None
+    try:
+        entry = json.loads(line)
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested deeper than json can go
+        return None
+    if not isinstance(entry, dict) or brackets > MAX_DEPTH and _deeper_than(entry, MAX_DEPTH):
+        return None
+    return entry
+
+
+def _report_lines(stream, limits: Limits, deadline: float) -> Iterator[bytes | str]:
+    """Each complete line of ``stream``, except those over MAX_LINE_BYTES (dropped as they arrive), and last the
+    reason the reading stopped (a str): the deadline, the end of the stream, or more than ``limits.output_mb``.
+    It reads only when asked for the next line, so what the grader has not handled yet waits in the pipe (and
+    the writer with it), not in the grader's memory."""
+    poll, total, parts, size = select.poll(), 0, [], 0  # parts: the line so far, unless it is already too long
+    poll.register(stream.fileno(), select.POLLIN)
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0 or not poll.poll(left * 1000):
+            yield f"stopped after the time limit of {limits.timeout:g} s"
             return
-        *complete, pending = (pending + chunk).split(b"\n")
-        for line in complete:
-            lines.put(line)
-    lines.put(None)
+        if not (chunk := os.read(stream.fileno(), 65536)):
+            yield "the run ended before its work was done"
+            return
+        total += len(chunk)
+        if total > limits.output_mb * 2**20:
+            yield f"stopped: it wrote more than {limits.output_mb} MB of results"
+            return
+        *ends, rest = chunk.split(b"\n")
+        for end in ends:
+            if size + len(end) <= MAX_LINE_BYTES:
+                yield b"".join(parts) + end
+            parts, size = [], 0
+        size += len(rest)
+        parts = [*parts, rest] if size <= MAX_LINE_BYTES else []
 
 
 def _read_capped(stream, sink: list[bytes], cap: int = 65536) -> None:
@@ -204,6 +263,8 @@ def _read_capped(stream, sink: list[bytes], cap: int = 65536) -> None:
             sink.append(chunk[:cap - kept])
             kept += len(sink[-1])
 
+
+# --- running the jobs -----------------------------------------------------------------------------------------
 
 def _write_lines(stream, jobs: queue.Queue) -> None:
     while (job := jobs.get()) is not None:
@@ -220,7 +281,7 @@ def _start(limits: Limits, sandbox: bool, workdir: str) -> tuple[subprocess.Pope
         env = {**_environment(), "HOME": workdir, "TMPDIR": workdir, "MPLCONFIGDIR": workdir}
         return subprocess.Popen(_runner(limits), cwd=workdir, env=env, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True), None
-    program = no_fork_filter()
+    program = sandbox_filter()
     read_end = None
     if program is not None:
         read_end, write_end = os.pipe()
@@ -236,44 +297,35 @@ def _start(limits: Limits, sandbox: bool, workdir: str) -> tuple[subprocess.Pope
         raise
 
 
-def run_sandboxed(jobs: list[dict], limits: Limits, sandbox: bool = True) -> Run:
-    """Run ``runner.py`` on ``jobs`` (sending job k+1 once job k is reported done) and collect its reports."""
+def run_sandboxed(jobs: list[dict], limits: Limits, sandbox: bool = True,
+                  keep: Callable[[int, dict], bool] | None = None) -> Run:
+    """Run ``runner.py`` on ``jobs`` (sending job k+1 once job k is reported done) and collect its reports.
+
+    Each report (see ``parse_report``) goes to ``keep(sent, entry)`` first: ``Run.entries`` holds only those it
+    returns True for (all of them without ``keep``), so a caller that decides each entry as it arrives holds none.
+    """
     result, start = Run(), time.perf_counter()
-    lines: queue.Queue = queue.Queue()
     outbox: queue.Queue = queue.Queue()
     stderr: list[bytes] = []
     with tempfile.TemporaryDirectory(prefix="course-grade-") as workdir:
         child, seccomp_fd = _start(limits, sandbox, workdir)
-        threads = [threading.Thread(target=_read_lines, args=(child.stdout, lines, limits.output_mb * 2**20)),
-                   threading.Thread(target=_read_capped, args=(child.stderr, stderr)),
-                   threading.Thread(target=_write_lines, args=(child.stdin, outbox))]
+        threads = [threading.Thread(target=_read_capped, args=(child.stderr, stderr), daemon=True),
+                   threading.Thread(target=_write_lines, args=(child.stdin, outbox), daemon=True)]
         for thread in threads:
-            thread.daemon = True
             thread.start()
-        sent, deadline = 0, start + limits.timeout
         outbox.put((json.dumps(jobs[0]) + "\n").encode())
         sent = 1
         try:
-            while True:
-                try:
-                    line = lines.get(timeout=max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
-                    result.problem = f"stopped after the time limit of {limits.timeout:g} s"
+            for line in _report_lines(child.stdout, limits, start + limits.timeout):
+                if isinstance(line, str):
+                    result.problem = line
                     break
-                if line is None:
-                    result.problem = "the run ended before its work was done"
-                    break
-                if line == "overflow":
-                    result.problem = f"stopped: it wrote more than {limits.output_mb} MB of results"
-                    break
-                try:
-                    entry = json.loads(line)
-                except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested deeper than json can go
+                if (entry := parse_report(line)) is None:
                     continue
-                if not isinstance(entry, dict):
-                    continue
-                result.entries.append((sent, entry))
-                if entry.get("done") == sent:
+                if keep is None or keep(sent, entry):
+                    result.entries.append((sent, entry))
+                done, entry = entry.get("done") == sent, None  # nothing dropped stays alive during the next parse
+                if done:
                     if sent == len(jobs):
                         break
                     outbox.put((json.dumps(jobs[sent]) + "\n").encode())
@@ -283,8 +335,7 @@ def run_sandboxed(jobs: list[dict], limits: Limits, sandbox: bool = True) -> Run
             _stop(child, grace=0 if result.problem else 2)
             if seccomp_fd is not None:
                 os.close(seccomp_fd)
-        for thread in threads[:2]:
-            thread.join(timeout=5)
+        threads[0].join(timeout=5)
     result.diagnostics = b"".join(stderr).decode("utf-8", "replace")
     if result.problem and child.returncode not in (0, None, -signal.SIGKILL):
         how = (f"killed by signal {signal.Signals(-child.returncode).name}" if child.returncode < 0

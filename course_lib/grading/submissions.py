@@ -7,6 +7,8 @@ entry gets a message instead of stopping the others. The sandbox receives code c
 
 from __future__ import annotations
 
+import ast
+import builtins
 import json
 import os
 import re
@@ -101,25 +103,123 @@ def read_folder(folder: Path) -> list[Submission]:
     return found
 
 
+_NEWLINE = re.compile(r"\r\n|\r|\n")  # the line breaks Python's parser counts
+_DEFINES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
+def _parse(cell: str) -> ast.Module | None:
+    """A cell's syntax tree, or None if it does not parse. IPython's ``!shell`` and ``%magic`` lines are blanked
+    first (a line magic's Python argument, as in ``%time x = f()``, is kept), so line numbers stay the cell's."""
+    lines = []
+    for line in _NEWLINE.split(cell):
+        if magic := re.match(r"(\s*)([%!])%?\w*\s*(.*)", line):
+            indent, kind, argument = magic.groups()
+            line = indent + argument if kind == "%" and _parse_code(argument) else ""
+        lines.append(line)
+    return _parse_code("\n".join(lines))
+
+
+def _parse_code(code: str) -> ast.Module | None:
+    """``code``'s syntax tree, or None if it does not parse."""
+    try:
+        return ast.parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+
+
+def _attribute(node: ast.AST) -> tuple[ast.expr, str] | None:
+    """(object, name) of ``object.name`` or ``getattr(object, "name")``; None for any other node."""
+    if isinstance(node, ast.Attribute):
+        return node.value, node.attr
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+            and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
+        return node.args[0], node.args[1].value
+    return None
+
+
+def _bindings(nodes: list[ast.AST]) -> dict[str, list[ast.expr | str]]:
+    """Every name the cells' nodes bind -> what imports and assignments bind it to (a dotted name or an
+    expression); [] for a name only defined in the learner's code (def, class, argument, loop variable)."""
+    bound: dict[str, list[ast.expr | str]] = {}
+    for node in nodes:
+        pairs: list[tuple[str, ast.expr | str | None]] = []
+        if isinstance(node, ast.Import):
+            pairs = [(a.asname, a.name) if a.asname else (a.name.split(".")[0],) * 2 for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = None if node.level or not node.module else node.module  # a relative import binds local names
+            pairs = [(a.asname or a.name, module and f"{module}.{a.name}") for a in node.names if a.name != "*"]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.NamedExpr)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            pairs = [(t.id, node.value) for t in targets if isinstance(t, ast.Name)]
+        elif isinstance(node, (*_DEFINES, ast.ExceptHandler)) and node.name:
+            pairs = [(node.name, None)]
+        elif isinstance(node, ast.arg) or isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            pairs = [(getattr(node, "arg", None) or node.id, None)]
+        for name, value in pairs:
+            bound.setdefault(name, []).extend([value] if value is not None else [])
+    return bound
+
+
+class _Resolver:
+    """The dotted names an expression may stand for: "transformers.TopPLogitsWarper" through imports, aliases
+    and assignments, or ".decoding.TopP" (leading dot) when its first name is bound nowhere in the cells."""
+
+    def __init__(self, bound: dict[str, list[ast.expr | str]]) -> None:
+        self.bound, self.names = bound, {}
+
+    def __call__(self, node: ast.AST, depth: int = 0) -> set[str]:
+        if depth > 50:
+            return set()
+        if isinstance(node, ast.Name):
+            return self.name(node.id, depth)
+        if attribute := _attribute(node):
+            return {f"{dotted}.{attribute[1]}" for dotted in self(attribute[0], depth + 1)}
+        return set()
+
+    def name(self, name: str, depth: int) -> set[str]:
+        if name not in self.bound:
+            return {f"builtins.{name}"} if hasattr(builtins, name) else {f".{name}"}
+        if name not in self.names:
+            self.names[name] = set()  # a cycle (a = b; b = a) resolves to nothing
+            self.names[name] = {dotted for value in self.bound[name]
+                                for dotted in ({value} if isinstance(value, str) else self(value, depth + 1))}
+        return self.names[name]
+
+
 def library_uses(cells: list[str], template: list[str], names: dict[str, list[str]]) -> dict[str, list[str]]:
-    """For each question, the names from ``names[question]`` (dotted, e.g. "course_lib.decoding.TopP") that a
-    line the learner wrote uses: a line of ``cells`` that is not a line of ``template`` (the code cells of the
-    learner's starting notebook). A name the template itself defines (the learner's own ``Temperature``) counts
-    only qualified (``decoding.Temperature``) or imported. Finds direct use, not deliberately disguised use."""
-    given = {line.strip() for cell in template for line in cell.splitlines()}
-    defined = set(re.findall(r"^\s*(?:def|class)\s+(\w+)", "\n".join(template), re.MULTILINE))
-    written = "\n".join(line for cell in cells for line in cell.splitlines() if line.strip() not in given)
-    uses = {}
-    for question, dotted in names.items():
-        found = []
-        for name in dotted:
-            module, _, attr = name.rpartition(".")
-            pattern = rf"\b{re.escape(attr)}\b"
-            if attr in defined:
-                package, parent = re.escape(module.split(".")[0]), re.escape(module.rsplit(".", 1)[-1])
-                pattern = rf"\b{parent}\.{re.escape(attr)}\b|^\s*(from|import)\s.*\b{package}\b.*\b{re.escape(attr)}\b"
-            if re.search(pattern, written, re.MULTILINE):
-                found.append(name)
-        if found:
-            uses[question] = found
-    return uses
+    """For each question, the names from ``names[question]`` (dotted, e.g. "course_lib.decoding.TopP") that code
+    the learner wrote uses: a name, attribute or ``getattr`` in ``cells`` on a line that is not, byte for byte, a
+    line of ``template`` (the learner's starting code cells), resolved through the imports and assignments of all
+    cells. A class's method ("transformers.GenerationMixin.generate") counts as any ``.generate``. An import counts
+    only when the name imported or its alias is one the learner's code defines (``Temperature``). Comments and
+    strings never count; a cell that does not parse is skipped. Finds direct use, not deliberately disguised use."""
+    given = {line for cell in template for line in _NEWLINE.split(cell)}
+    trees = {cell: _parse(cell) for cell in dict.fromkeys([*cells, *template])}  # each distinct cell parsed once
+    nodes = {cell: list(ast.walk(tree)) for cell, tree in trees.items() if tree}
+    every_node = [node for cell_nodes in nodes.values() for node in cell_nodes]
+    resolve = _Resolver(_bindings(every_node))
+    defined = {node.name for node in every_node if isinstance(node, _DEFINES)}
+    found: set[str] = set()       # what the learner's names, attributes and getattr calls resolve to
+    attributes: set[str] = set()  # the attribute names the learner accesses (for methods)
+    for cell in dict.fromkeys(cells):
+        lines = _NEWLINE.split(cell)
+        for node in nodes.get(cell, []):
+            use = isinstance(node, (ast.Name, ast.Attribute)) and isinstance(node.ctx, ast.Load) or \
+                isinstance(node, ast.Call) and _attribute(node)
+            imports = isinstance(node, ast.ImportFrom) and node.module and not node.level
+            if not (use or imports) or all(line in given for line in lines[node.lineno - 1:node.end_lineno]):
+                continue
+            if imports:  # the library's own Temperature, or any library name over the learner's own
+                found |= {f"{node.module}.{a.name}" for a in node.names if {a.name, a.asname} & defined}
+                found |= {f"{node.module}.{name}" for name in defined if any(a.name == "*" for a in node.names)}
+            else:
+                found |= resolve(node)
+                attributes |= {attribute[1]} if (attribute := _attribute(node)) else set()
+
+    def used(name: str) -> bool:
+        *_, owner, last = f".{name}".split(".")
+        return (name in found or any(d.startswith(".") and f".{name}".endswith(d) for d in found)
+                or owner[:1].isupper() and last in attributes)
+
+    return {question: hit for question, dotted in names.items()
+            if (hit := [name for name in dotted if isinstance(name, str) and used(name)])}

@@ -58,7 +58,10 @@ def encode(value: Any, _depth: int = 0, _budget: list[int] | None = None) -> Any
         if budget[0] < 0:
             raise ValueTypeError(f"the result holds more than {MAX_ELEMENTS} items")
         return {"list": [encode(v, _depth + 1, budget) for v in value]}
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+    if isinstance(value, dict) and all(isinstance(k, str) and len(k) <= MAX_STRING for k in value):
+        budget[0] -= len(value)
+        if budget[0] < 0:
+            raise ValueTypeError(f"the result holds more than {MAX_ELEMENTS} items")
         return {"dict": {k: encode(v, _depth + 1, budget) for k, v in value.items()}}
     raise ValueTypeError(f"the result holds an object of type {type(value).__name__}; a test can return None, bool, "
                          "int, float, str, a tensor, or a list/tuple/dict of those")
@@ -113,12 +116,16 @@ def _kind(x: Any) -> str:
             type(None): "None"}.get(type(x), type(x).__name__)
 
 
+WRONG_TYPE, WRONG_SHAPE, WRONG_VALUES = "wrong type", "wrong shape", "wrong values"
+MAX_MESSAGE = 300  # characters of one difference's sentence
+
+
 def _tensors(actual: torch.Tensor, expected: torch.Tensor, where: str, atol: float | None, rtol: float | None,
-             show: bool) -> str:
+             show: bool) -> tuple[str, str]:
     if actual.shape != expected.shape:
-        return f"{where}has shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+        return WRONG_SHAPE, f"{where}has shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
     if actual.dtype != expected.dtype:
-        return f"{where}has dtype {actual.dtype}, expected {expected.dtype}"
+        return WRONG_TYPE, f"{where}has dtype {actual.dtype}, expected {expected.dtype}"
     if expected.is_floating_point():
         default_rtol, default_atol = {torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5),
                                       torch.float64: (1e-7, 1e-7)}.get(expected.dtype, (1.3e-6, 1e-5))
@@ -129,47 +136,53 @@ def _tensors(actual: torch.Tensor, expected: torch.Tensor, where: str, atol: flo
         close = actual == expected
     wrong = (~close).nonzero()
     if len(wrong) == 0:
-        return ""
+        return "", ""
     index = tuple(wrong[0].tolist())
     text = f"{where}differs in {len(wrong)} of {expected.numel()} values"
     if show:
         text += (f"; first at [{', '.join(map(str, index))}]: expected {_show(expected[index].item())}, "
                  f"got {_show(actual[index].item())}")
-    return text
+    return WRONG_VALUES, text
 
 
-def compare_values(actual: Any, expected: Any, atol: float | None = None, rtol: float | None = None,
-            show: bool = True, _where: str = "") -> str:
-    """"" when ``actual`` matches ``expected``, else one sentence saying where and how it differs.
+def difference(actual: Any, expected: Any, atol: float | None = None, rtol: float | None = None,
+               show: bool = True, _where: str = "") -> tuple[str, str]:
+    """("", "") when ``actual`` matches ``expected``, else (kind, sentence): the kind is one of WRONG_TYPE,
+    WRONG_SHAPE and WRONG_VALUES, the sentence (at most MAX_MESSAGE characters) says where and how it differs.
 
     Tensors must agree in shape and dtype; floats (also inside tensors) within ``atol + rtol * |expected|``
     (torch.testing's defaults for the dtype when None), with inf and nan in the same places; everything else
-    exactly, ints and floats never mixed. ``show=False`` leaves the values out (for hidden tests).
+    exactly, ints and floats never mixed. ``show=False`` leaves the values and keys out.
     """
     where = f"the result{_where} " if _where else "the result "
     if isinstance(expected, torch.Tensor) and isinstance(actual, torch.Tensor):
-        return _tensors(actual, expected, where, atol, rtol, show)
-    if type(actual) is not type(expected):
-        return f"{where}is {_kind(actual)}, expected {_kind(expected)}"
-    if isinstance(expected, list):
+        kind, text = _tensors(actual, expected, where, atol, rtol, show)
+    elif type(actual) is not type(expected):
+        kind, text = WRONG_TYPE, f"{where}is {_kind(actual)}, expected {_kind(expected)}"
+    elif isinstance(expected, list):
         if len(actual) != len(expected):
-            return f"{where}has {len(actual)} items, expected {len(expected)}"
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            if message := compare_values(a, e, atol, rtol, show, f"{_where}[{i}]"):
-                return message
-        return ""
-    if isinstance(expected, dict):
+            return WRONG_SHAPE, f"{where}has {len(actual)} items, expected {len(expected)}"
+        found = (difference(a, e, atol, rtol, show, f"{_where}[{i}]") for i, (a, e) in enumerate(zip(actual, expected)))
+        kind, text = next((d for d in found if d[0]), ("", ""))
+    elif isinstance(expected, dict):
         if set(actual) != set(expected):
-            return f"{where}has keys {sorted(actual)}, expected {sorted(expected)}"
-        for key in expected:
-            if message := compare_values(actual[key], expected[key], atol, rtol, show, f"{_where}[{key!r}]"):
-                return message
-        return ""
-    if isinstance(expected, float):
-        same = math.isclose(actual, expected, rel_tol=1.3e-6 if rtol is None else rtol,
-                            abs_tol=1e-5 if atol is None else atol) or (math.isnan(actual) and math.isnan(expected))
+            return WRONG_TYPE, (f"{where}has keys {sorted(actual)}, expected {sorted(expected)}" if show
+                                else f"{where}has other keys than expected")[:MAX_MESSAGE]
+        found = (difference(actual[k], expected[k], atol, rtol, show, f"{_where}[{k!r}]") for k in expected)
+        kind, text = next((d for d in found if d[0]), ("", ""))
     else:
-        same = actual == expected
-    if same:
-        return ""
-    return f"{where}is wrong" + (f": expected {_show(expected)}, got {_show(actual)}" if show else "")
+        if isinstance(expected, float):
+            same = math.isclose(actual, expected, rel_tol=1.3e-6 if rtol is None else rtol,
+                                abs_tol=1e-5 if atol is None else atol) or (math.isnan(actual) and math.isnan(expected))
+        else:
+            same = actual == expected
+        kind, text = ("", "") if same else (
+            WRONG_VALUES, f"{where}is wrong" + (f": expected {_show(expected)}, got {_show(actual)}" if show else ""))
+    return kind, text[:MAX_MESSAGE]
+
+
+def compare_values(actual: Any, expected: Any, atol: float | None = None, rtol: float | None = None,
+                   show: bool = True) -> str:
+    """"" when ``actual`` matches ``expected``, else one sentence saying where and how it differs (see
+    ``difference``)."""
+    return difference(actual, expected, atol, rtol, show)[1]
