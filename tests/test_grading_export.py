@@ -16,7 +16,8 @@ import pytest
 from course_lib.colab import Project
 from course_lib.grading.build import learner_notebook
 from course_lib.grading.cli import main
-from course_lib.grading.export import GRADER_TROUBLE, autograde, gradebook_csv
+from course_lib.grading.export import GRADER_TROUBLE, autograde
+from course_lib.grading.grade import gradebook_csv
 from course_lib.grading.markers import strip_hidden
 from course_lib.grading.sandbox import bwrap_problem
 from test_grading import SOLUTION, TESTS, add_exercise, notebook, write  # the tiny "add" exercise

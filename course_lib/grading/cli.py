@@ -71,7 +71,7 @@ def _grade(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from course_lib.grading.export import validate
+    from course_lib.grading.validate import validate
 
     return validate(args.notebook, timeout=args.timeout)
 

@@ -1,5 +1,4 @@
-"""Grading beyond ``course grade``'s folders: a Gradescope autograder bundle, a gradebook CSV for an LMS, and the
-learner's own check of a saved notebook before handing it in.
+"""A Gradescope autograder bundle for an exercise, and the command it runs for each submission.
 
 - ``gradescope_bundle`` writes the zip that Gradescope's "Configure Autograder" page takes: ``setup.sh`` (run
   once, as root, when Gradescope builds the image), ``run_autograder`` (run for each submission) and the
@@ -8,16 +7,11 @@ learner's own check of a saved notebook before handing it in.
 - ``python3 -m course_lib.grading.export EXERCISE.ipynb`` is what ``run_autograder`` calls: ``autograde`` grades
   the one notebook in ``$AUTOGRADER_ROOT/submission`` (``AUTOGRADER_ROOT`` defaults to ``/autograder``) exactly
   as ``course grade`` does, and always writes a results.json, with a score of 0 when it could not grade.
-- ``gradebook_csv`` turns ``grade_folder``'s rows into one row per student, for an LMS's gradebook import.
-- ``validate`` (``course exercises validate FILE.ipynb``) runs a saved notebook the way the grader does, without
-  the hidden tests, so that a learner sees before handing in what the grader will see.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import shlex
@@ -26,11 +20,7 @@ import traceback
 import zipfile
 from pathlib import Path
 
-# Modules, not names, so that grade.py can import this module back (grade_folder writes the gradebook) with
-# ``from course_lib.grading import export``; importing a name from here at grade.py's top would be circular.
 from course_lib.grading import grade, sandbox, submissions
-from course_lib.grading.markers import is_tests_cell, strip_hidden
-from course_lib.grading.values import compare_values, decode
 
 SETUP_SH = """\
 #!/usr/bin/env bash
@@ -109,7 +99,7 @@ def _grade_one(exercise: Path, root: Path, limits: sandbox.Limits, use_sandbox: 
                                                       memory_mb=limits.memory_mb), use_sandbox)
     graded = grade.grade_submission(submission, reference, limits)
     return {"score": sum(graded.earned(q) for q in reference.questions),
-            "output": grade._feedback(graded, reference),
+            "output": grade.feedback_text(graded, reference),
             "tests": [_test_result(v) for v in graded.verdicts]}
 
 
@@ -146,79 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     results = autograde(args.exercise, root, args.timeout, args.memory_mb, not args.no_sandbox)
     print(f"score {results['score']:g}, written to {root / 'results' / 'results.json'}")
     return 0
-
-
-def gradebook_csv(rows: list[dict], questions: dict[str, float]) -> str:
-    """One row per student (``student,total,q1,q2,...``, in the order of ``questions``) from ``grade_folder``'s
-    rows (one per student and question); a question with no row counts 0."""
-    points: dict[str, dict[str, str]] = {}
-    for row in rows:
-        points.setdefault(row["student"], {})[row["question"]] = row["points"]
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["student", "total", *questions])
-    for student, earned in points.items():
-        cells = [earned.get(q, "0") for q in questions]
-        writer.writerow([grade.csv_safe(student), f"{sum(float(c) for c in cells):g}", *cells])
-    return out.getvalue()
-
-
-def _test_problem(entry: dict) -> str:
-    """"" when a test's result matches its expected value (both computed in the run), else what is wrong."""
-    test, result, expected = entry["test"], entry["result"], entry.get("expected", {})
-    if result.get("stub"):
-        return "not attempted: the code still raises NotImplementedError"
-    if "value" not in expected:
-        return f"the test's expect= {'raised ' + str(expected['raised']) if 'raised' in expected else 'is missing'}"
-    if "value" not in result:
-        return f"your code raised {result['raised']}" if "raised" in result else str(result.get("unsupported"))
-    return compare_values(decode(result["value"]), decode(expected["value"]), test["atol"], test["rtol"])
-
-
-def validate(path: Path, timeout: float = 60.0) -> int:
-    """Run the notebook saved at ``path`` as the grader does (its code cells in a fresh process, then its own
-    visible tests) and print which cells raised and which tests failed. 0 when none did, else 1."""
-    try:
-        notebook = json.loads(Path(path).read_text(encoding="utf-8"))
-        cells = submissions.learner_cells(notebook)
-        tests = [strip_hidden(c) for c in submissions.code_cells(notebook) if is_tests_cell(c)]
-    except OSError as exc:
-        print(f"error: cannot read {path}: {exc.strerror}", file=sys.stderr)
-        return 1
-    except json.JSONDecodeError as exc:
-        print(f"error: {path} is not a saved notebook: it is not valid JSON ({exc})", file=sys.stderr)
-        return 1
-    except ValueError as exc:  # not UTF-8, not nbformat 4, unbalanced hidden-test markers
-        print(f"error: {path}: {exc}", file=sys.stderr)
-        return 1
-    print(f"Running {path} as saved, from the top, in a fresh process (as the grader does)...", flush=True)
-    run = sandbox.run_sandboxed([{"cells": cells}, *({"tests": t} for t in tests)],
-                                sandbox.Limits(timeout=timeout), sandbox=False)
-    raised, passed, failed, running = 0, 0, 0, "the start"
-    for _, entry in run.entries:
-        running = entry.get("running", running)
-        if error := entry.get("cell_error"):
-            raised += 1
-            print(f"code cell {error['cell']} ({grade._first_line(cells[error['cell'] - 1])}) raised "
-                  f"{error['error']}")
-        elif "tests_error" in entry:
-            raised += 1
-            print(f"a tests cell raised {entry['tests_error']}")
-        elif "test" in entry:
-            test, problem = entry["test"], _test_problem(entry)
-            if not problem:
-                passed += 1
-                print(f"passed  {test['question']} {test['name']}")
-            else:
-                failed += 1
-                print(f"FAILED  {test['question']} {test['name']}: {problem}")
-                if test["hint"]:
-                    print(f"        hint: {test['hint']}")
-    if run.problem:
-        print(f"The run stopped: {run.problem} while running {running}.")
-    print(f"This is what the grader will run: {len(cells)} code cells ({raised} raised an error), {passed} of "
-          f"{passed + failed} visible tests passed; the grader adds hidden tests on other inputs.")
-    return 0 if not (raised or failed or run.problem) else 1
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Grading a folder of submitted notebooks against an exercise's source notebook.
 
-The instructor's run (``verify``) executes the source notebook, solutions and all tests, in the sandbox, and
-keeps what each test expects. Each submission then runs in its own sandbox (``sandbox.run_sandboxed``) on the same
-tests with ``expect=`` removed, and returns only the data its functions produced. This process, which never
-runs a submission's code, compares that data with the expected results and awards the points: the ones the
-source gives each test, once per test, whatever the submission reports. Every text in the feedback and the CSV
-is written here; the only text taken from a submission is the error of its own cells, read before any test was
-sent into its sandbox, so no hidden test or solution can reach a feedback file.
+The instructor's run (``verify``) executes the source notebook, solutions and all tests, and keeps what each test
+expects. Each submission then runs in its own sandbox (``sandbox.run_sandboxed``) on the same tests with
+``expect=`` removed, and returns only the data its functions produced. This process, which never runs a
+submission's code, compares that data with the expected results and awards the points. Only hidden tests give
+points: a visible test's expected result can be computed from the learner notebook, so a submission can always
+forge it; visible tests give feedback. Every text in the feedback and the CSVs is written here and capped; a hidden
+test's verdict is one of a fixed list of categories, so nothing the submission chose (exception names, keys,
+strings) leaves with it. The only text taken from a submission is the error of its own cells, read before any
+test was sent into its sandbox. One submission's trouble costs that submission only.
 """
 
 from __future__ import annotations
@@ -255,7 +257,7 @@ def _verdict(test: RefTest, result: dict, trusted_text: bool) -> Verdict:
     return verdict
 
 
-def _first_line(cell: str) -> str:
+def first_line(cell: str) -> str:
     """A code cell's first line of code, to tell the learner which cell (the grader numbers code cells without
     the tests and check cells)."""
     line = next((line.strip() for line in cell.splitlines() if line.strip() and not line.strip().startswith("#")),
@@ -264,33 +266,36 @@ def _first_line(cell: str) -> str:
 
 
 def grade_submission(submission: Submission, reference: Reference, limits: sandbox.Limits) -> Graded:
-    """Run one submission in its sandbox and decide every test of the reference here."""
+    """Run one submission in its sandbox and decide every test of the reference here, each report as it arrives
+    (nothing the submission sends is kept, so the grader's memory stays bounded)."""
     graded = Graded(submission.student, [Verdict(t) for t in reference.tests])
-    seconds = min(TEST_SECONDS, limits.timeout / 4)  # a test that hangs costs that test, not the run
-    run = sandbox.run_sandboxed([{"cells": submission.cells}, *({**job, "seconds": seconds}
-                                                                for job in reference.submission_jobs)],
-                                limits, sandbox=reference.sandboxed)
-    graded.seconds = run.seconds
     by_name = {(t.question, t.name): v for t, v in zip(reference.tests, graded.verdicts)}
-    seen, errors, running = set(), {}, "the start"
-    for sent, entry in run.entries:
+    seen, errors, running = set(), {}, ["the start"]
+
+    def decide(sent: int, entry: dict) -> bool:
         error = entry.get("cell_error")
         if sent == 1 and isinstance(error, dict) and error.get("cell") in range(1, len(submission.cells) + 1):
             errors.setdefault(error["cell"], str(error.get("error"))[:300])  # read before any test was sent
         if isinstance(entry.get("running"), str) and _RUNNING.match(entry["running"]):
-            running = entry["running"]
+            running[0] = entry["running"]
         test, result = entry.get("test"), entry.get("result")
-        if sent < 2 or not (isinstance(test, dict) and isinstance(result, dict)):
-            continue  # a result "reported" before any test was sent is forged
-        key = (str(test.get("question")), str(test.get("name")))
-        if key in by_name and key not in seen:  # one verdict per test the grader asked for; the rest is ignored
-            seen.add(key)
-            by_name[key] = _verdict(by_name[key].test, result, trusted_text=sent - 1 <= reference.visible_jobs)
-    graded.cell_errors = [f"code cell {cell} ({_first_line(submission.cells[int(cell) - 1])}): {text}"
+        if sent >= 2 and isinstance(test, dict) and isinstance(result, dict):  # earlier "results" are forged
+            key = (str(test.get("question")), str(test.get("name")))
+            if key in by_name and key not in seen:  # one verdict per test the grader asked for; the rest is ignored
+                seen.add(key)
+                by_name[key] = _verdict(by_name[key].test, result, trusted_text=sent - 1 <= reference.visible_jobs)
+        return False
+
+    seconds = min(TEST_SECONDS, limits.timeout / 4)  # a test that hangs costs that test, not the run
+    run = sandbox.run_sandboxed([{"cells": submission.cells}, *({**job, "seconds": seconds}
+                                                                for job in reference.submission_jobs)],
+                                limits, sandbox=reference.sandboxed, keep=decide)
+    graded.seconds = run.seconds
+    graded.cell_errors = [f"code cell {cell} ({first_line(submission.cells[int(cell) - 1])}): {text}"
                           for cell, text in sorted(errors.items())]
     if run.problem:
         names = {t.name for t in reference.tests}
-        known = running if running.startswith("code cell") or running[5:] in names else "the start"
+        known = running[0] if running[0].startswith("code cell") or running[0][5:] in names else "the start"
         graded.problem = f"{run.problem} while running {known}"
         for key, verdict in by_name.items():
             if known == f"test {key[1]}" and key not in seen:
@@ -328,7 +333,8 @@ def _message(graded: Graded, question: str) -> str:
                                     for v in failed]))
 
 
-def _feedback(graded: Graded, reference: Reference) -> str:
+def feedback_text(graded: Graded, reference: Reference) -> str:
+    """The feedback a student reads: points per question, each test's verdict, hints, the cells that raised."""
     total = sum(graded.earned(q) for q in reference.questions)
     lines = [f"Feedback for {graded.student} on {reference.source.stem}",
              f"Total: {total:g} / {sum(reference.questions.values()):g} points", "",
@@ -425,9 +431,24 @@ def _prepare_results(results: Path) -> None:
         raise ValueError(f"results: cannot write to {results} ({exc.strerror})") from None
 
 
-def _write_results(results: Path, rows: list[dict], feedback: dict[str, str]) -> None:
+def gradebook_csv(rows: list[dict], questions: dict[str, float]) -> str:
+    """One row per student (``student,total,q1,q2,...``, in the order of ``questions``) from ``grade_folder``'s
+    rows (one per student and question); a question with no row counts 0."""
+    points: dict[str, dict[str, str]] = {}
+    for row in rows:
+        points.setdefault(row["student"], {})[row["question"]] = row["points"]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["student", "total", *questions])
+    for student, earned in points.items():
+        cells = [earned.get(q, "0") for q in questions]
+        writer.writerow([csv_safe(student), f"{sum(float(c) for c in cells):g}", *cells])
+    return out.getvalue()
+
+
+def _write_results(results: Path, rows: list[dict], feedback: dict[str, str], questions: dict[str, float]) -> None:
     """``feedback/<student>.txt`` for each student (a file that cannot be written is reported, not fatal), then
-    ``grades.csv``."""
+    ``gradebook.csv`` (one row per student) and ``grades.csv`` (one row per student and question)."""
     for student, name in _feedback_names(list(feedback)).items():
         try:
             _write_atomically(results / "feedback" / f"{name}.txt", feedback[student])
@@ -437,13 +458,15 @@ def _write_results(results: Path, rows: list[dict], feedback: dict[str, str]) ->
     writer = csv.DictWriter(out, fieldnames=["student", "question", "points", "max_points", "message"])
     writer.writeheader()
     writer.writerows({k: csv_safe(_cap(v)) for k, v in row.items()} for row in rows)
+    _write_atomically(results / "gradebook.csv", gradebook_csv(rows, questions))
     _write_atomically(results / "grades.csv", out.getvalue())
 
 
 def grade_folder(source: Path, submissions: Path, results: Path, timeout: float = 60.0, jobs: int = 1,
                  reference: Reference | None = None, use_sandbox: bool = True,
                  memory_mb: int = 4096) -> list[dict]:
-    """Grade every ``*.ipynb`` entry of ``submissions``; write ``grades.csv`` and ``feedback/<student>.txt``.
+    """Grade every ``*.ipynb`` entry of ``submissions``; write ``grades.csv``, ``gradebook.csv`` and
+    ``feedback/<student>.txt``.
 
     Every option, the folders and the exercise are checked before anything is written; one submission's
     trouble costs that submission only, so ``grades.csv`` is always written. ``jobs`` submissions run at a time.
@@ -454,9 +477,9 @@ def grade_folder(source: Path, submissions: Path, results: Path, timeout: float 
     check_jobs(jobs)
     if not submissions.is_dir():
         raise ValueError(f"submissions: {submissions} is not a folder of submitted notebooks")
+    _check_results(results, submissions)
     if reference is None and not source.is_file():
         raise ValueError(f"exercise: {source} is not a file (give the exercise's instructor source notebook)")
-    _check_results(results, submissions)
     entries = read_folder(submissions)  # everything read before the first submission runs
     if not entries:
         raise ValueError(f"submissions: {submissions} holds no notebooks (*.ipynb); nothing to grade")
@@ -481,11 +504,11 @@ def grade_folder(source: Path, submissions: Path, results: Path, timeout: float 
             total = sum(result.earned(q) for q in reference.questions)
             print(f"{entry.student}: {total:g} / {sum(reference.questions.values()):g} points in "
                   f"{result.seconds:.1f} s{' (' + result.problem + ')' if result.problem else ''}", flush=True)
-            feedback[entry.student] = _feedback(result, reference)
+            feedback[entry.student] = feedback_text(result, reference)
         for question, max_points in reference.questions.items():
             message = _message(result, question) if result else f"not graded: {entry.skipped}"
             rows.append({"student": entry.student, "question": question,
                          "points": f"{result.earned(question):g}" if result else "0",
                          "max_points": f"{max_points:g}", "message": warning + message})
-    _write_results(results, rows, feedback)
+    _write_results(results, rows, feedback, reference.questions)
     return rows

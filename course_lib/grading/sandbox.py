@@ -1,8 +1,8 @@
 """The sandbox a submission runs in: bubblewrap, a seccomp filter, resource limits, and a capped channel out.
 
 ``run_sandboxed(jobs, limits)`` starts ``runner.py`` inside ``bwrap`` and feeds it the jobs one at a time (the next only
-after the runner reported the previous one done), reading its report lines with a size cap, per-line bounds
-(``parse_report``) and a wall-clock deadline. Inside, the submission sees:
+after the runner reported the previous one done), reading its report lines only as fast as it handles them, with
+a size cap, per-line bounds (``parse_report``) and a wall-clock deadline. Inside, the submission sees:
 
 - no network, and new PID, IPC, UTS, user and cgroup namespaces: it runs as an unprivileged user with no
   capabilities, and every process in the sandbox dies with the run (``--die-with-parent``);
@@ -11,7 +11,7 @@ after the runner reported the previous one done), reading its report lines with 
 - one fresh, size-capped writable /tmp (and /dev/shm) that disappears with the run, and a cleared environment;
 - a seccomp filter under which fork, vfork and clone without CLONE_THREAD fail: threads work, new processes
   do not, so nothing outlives the run and nothing forks the machine to death (RLIMIT_NPROC does not bind root);
-  under which memfd_create, memfd_secret, shmget, shmat and msgget fail too: memory that no mapping holds;
+  and under which memfd_create, memfd_secret, shmget, shmat and msgget fail too (memory that outlives its mappings);
 - runner.py's limits on address space, CPU time, file size and open files.
 
 So the memory a run can hold is bounded by RLIMIT_AS (``Limits.memory_mb``) for its mappings plus the capped /tmp
@@ -79,7 +79,7 @@ _ARCH = {"x86_64": (0xC000003E, {"clone": 56, "fork": 57, "vfork": 58, "clone3":
                                  "msgget": 68, "memfd_create": 319, "memfd_secret": 447}),
          "aarch64": (0xC00000B7, {"clone": 220, "clone3": 435, "shmget": 194, "shmat": 196, "msgget": 186,
                                   "memfd_create": 279, "memfd_secret": 447})}
-_DENIED = ("fork", "vfork", "shmget", "shmat", "msgget", "memfd_create", "memfd_secret")  # those each arch has
+_DENIED = ("fork", "vfork", "shmget", "shmat", "msgget", "memfd_create", "memfd_secret")  # where the arch has them
 _LD, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|{JEQ,JGE,JSET}|K, BPF_RET|K
 _ALLOW, _ERRNO, _KILL = 0x7FFF0000, 0x00050000, 0x80000000
 _EPERM, _ENOSYS, _CLONE_THREAD = 1, 38, 0x00010000
@@ -212,7 +212,7 @@ def _deeper_than(value: object, depth: int) -> bool:
 def parse_report(line: bytes) -> dict | None:
     """The JSON object on one report line, or None for anything else: not ASCII (the runner's ``json.dumps``
     escapes the rest), over MAX_LINE_BYTES or MAX_ITEMS, nested deeper than MAX_DEPTH, not JSON, not an object.
-    The bounds come before ``json.loads``, so one line costs the grader at most a few tens of MB while parsed."""
+    The bounds come before ``json.loads``: parsing one line peaks at about 43 MB (tests/test_grading_memory.py)."""
     if len(line) > MAX_LINE_BYTES or not line.isascii():
         return None
     brackets = line.count(b"[") + line.count(b"{")
@@ -255,6 +255,8 @@ def _report_lines(stream, limits: Limits, deadline: float) -> Iterator[bytes | s
         parts = [*parts, rest] if size <= MAX_LINE_BYTES else []
 
 
+# --- running the jobs -----------------------------------------------------------------------------------------
+
 def _read_capped(stream, sink: list[bytes], cap: int = 65536) -> None:
     """Keep the first ``cap`` bytes of ``stream`` and drain the rest, so the writer never blocks."""
     kept = 0
@@ -263,8 +265,6 @@ def _read_capped(stream, sink: list[bytes], cap: int = 65536) -> None:
             sink.append(chunk[:cap - kept])
             kept += len(sink[-1])
 
-
-# --- running the jobs -----------------------------------------------------------------------------------------
 
 def _write_lines(stream, jobs: queue.Queue) -> None:
     while (job := jobs.get()) is not None:
@@ -303,6 +303,7 @@ def run_sandboxed(jobs: list[dict], limits: Limits, sandbox: bool = True,
 
     Each report (see ``parse_report``) goes to ``keep(sent, entry)`` first: ``Run.entries`` holds only those it
     returns True for (all of them without ``keep``), so a caller that decides each entry as it arrives holds none.
+    The deadline holds even while reports keep coming.
     """
     result, start = Run(), time.perf_counter()
     outbox: queue.Queue = queue.Queue()

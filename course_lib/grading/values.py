@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-MAX_ELEMENTS = 1_000_000  # numbers in one result, all tensors together
+MAX_ELEMENTS = 100_000    # numbers and items in one result (a report line holds at most 300,000 items)
 MAX_STRING = 10_000       # characters in one string
 MAX_DEPTH = 20            # nesting of lists and dicts
 _DTYPES = {str(t).removeprefix("torch."): t for t in (
