@@ -44,11 +44,30 @@ def adds_negative_numbers():
 # END TESTS"""
 
 
-def add_exercise(solution: str = SOLUTION) -> dict:
-    """A pure-Python exercise (fast to run): one question, one visible and one hidden test."""
+VARIANTS = """# BEGIN VARIANTS
+# variant q1: subtracts
+def add(a, b):
+    return a - b
+# variant q1: subtracts the other way
+def add(a, b):
+    return b - a
+# variant q1: multiplies
+def add(a, b):
+    return a * b
+# variant q1: off by one
+def add(a, b):
+    return a + b + 1
+# variant q1: glues the digits
+def add(a, b):
+    return int(str(a) + str(b))
+# END VARIANTS"""
+
+
+def add_exercise(solution: str = SOLUTION, variants: str = VARIANTS) -> dict:
+    """A pure-Python exercise (fast to run): one question, one visible and two hidden tests, five wrong variants."""
     return notebook(("markdown", "# Add"), ("code", "from course_lib.grading import check, test"),
-                    ("markdown", "## q1: add two numbers (3 points, about 2 minutes)"),
-                    ("code", solution), ("code", TESTS), ("code", 'check("q1")'))
+                    ("markdown", "## q1: add two numbers (3 points, about 15 minutes)"),
+                    ("code", solution), ("code", TESTS), ("code", 'check("q1")'), ("raw", variants))
 
 
 def write(path: Path, nb: dict) -> Path:
@@ -280,10 +299,10 @@ def test_build_refuses_when_a_solution_fails_its_tests(tmp_path, capsys):
 
 def test_build_refuses_when_a_task_header_states_other_points(tmp_path, capsys):
     nb = add_exercise()
-    nb["cells"][2]["source"] = "## q1: add two numbers (5 points, about 2 minutes)"
+    nb["cells"][2]["source"] = "## q1: add two numbers (5 points, about 25 minutes)"
     write(tmp_path / "src" / "add.ipynb", nb)
     assert main(["exercises", "build", str(tmp_path / "src"), str(tmp_path / "student")]) == 1
-    assert "the task headers ('## qN: title (P points, about M minutes)') state {'q1': 5.0}, the tests give " \
+    assert "the task headers ('## qN: title (P points, about M minutes)') state {'q1': 5.0}, the hidden tests give " \
            "{'q1': 3.0}" in capsys.readouterr().err
     assert not (tmp_path / "student").exists()
 
@@ -326,11 +345,40 @@ def test_build_refuses_when_trivial_code_passes_a_hidden_test(tmp_path, capsys):
     write(tmp_path / "src" / "add.ipynb", nb)
     assert main(["exercises", "build", str(tmp_path / "src"), str(tmp_path / "student")]) == 1
     err = capsys.readouterr().err
-    assert "add.ipynb: trivial code earns points: q1: a stand-in that returns its first input passes " \
+    assert "add.ipynb: wrong code earns points: q1: a stand-in that returns its first input passes " \
            "adds_negative_numbers (2 points)" in err
     assert "q1: a stand-in that returns 0 passes adds_negative_numbers (2 points)" in err
     assert "returns zeros shaped like its first tensor passes adds_negative_numbers" in err  # 0 for no tensor
     assert not (tmp_path / "student").exists()
+
+
+def test_build_refuses_a_wrong_variant_that_earns_points_and_too_few_variants(tmp_path, capsys):
+    write(tmp_path / "src" / "add.ipynb", add_exercise(variants=VARIANTS.replace("a + b + 1", "a + b + 0")))
+    assert main(["exercises", "build", str(tmp_path / "src"), str(tmp_path / "student")]) == 1
+    err = capsys.readouterr().err
+    assert "q1: the wrong variant 'off by one' passes adds_positive_numbers, adds_negative_numbers (3 points)" in err
+    write(tmp_path / "src" / "add.ipynb", add_exercise(variants=VARIANTS.split("# variant q1: multiplies")[0]
+                                                       + "# END VARIANTS"))
+    assert main(["exercises", "build", str(tmp_path / "src"), str(tmp_path / "student")]) == 1
+    assert "q1 has 2 wrong variants in the variants cell; write at least 5" in capsys.readouterr().err
+    assert not (tmp_path / "student").exists()
+
+
+def test_build_refuses_points_that_do_not_follow_the_minutes(tmp_path, capsys):
+    nb = add_exercise()
+    nb["cells"][2]["source"] = "## q1: add two numbers (3 points, about 40 minutes)"
+    write(tmp_path / "src" / "add.ipynb", nb)
+    assert main(["exercises", "build", str(tmp_path / "src"), str(tmp_path / "student")]) == 1
+    assert "points follow the minutes (one point per 5 minutes, at least 1): q1 states 3, its minutes give 8" \
+        in capsys.readouterr().err
+
+
+def test_the_learner_copy_leaves_the_variants_out():
+    learner = student_notebook(add_exercise(), "add")
+    assert "BEGIN VARIANTS" not in json.dumps(learner) and "a + b + 1" not in json.dumps(learner)
+    assert [(q, label) for q, label, _code in markers.wrong_variants(add_exercise())] == [
+        ("q1", "subtracts"), ("q1", "subtracts the other way"), ("q1", "multiplies"), ("q1", "off by one"),
+        ("q1", "glues the digits")]
 
 
 def test_build_refuses_points_on_a_visible_test_and_a_question_without_hidden_tests(tmp_path, capsys):

@@ -5,8 +5,9 @@ exercise is adding one file. The build checks each source's markers and task hea
 against all of its tests and refuses to write anything when one fails; then it writes the learner notebook
 (``exercises/NN_topic_exercises.ipynb``): solutions stubbed out, hidden tests and outputs removed, an "Open in
 Colab" badge and a setup cell on top. It also replaces each task's functions with trivial stand-ins
-(``trivial.STAND_INS``: return the input, None, zeros, the uniform distribution...) and refuses the exercise when
-one of them passes a hidden test: only hidden tests give points, and none may give them for nothing. The
+(``trivial.STAND_INS``: return the input, None, zeros, the uniform distribution...) and with the source's wrong
+variants (at least five per task), and refuses the exercise when one of them passes a hidden test: only hidden
+tests give points, and none may give them for wrong code. The
 learner notebook is a pure function of its source, so
 ``build --check`` can tell, without running anything, whether a committed learner notebook is out of date.
 """
@@ -65,13 +66,24 @@ def _learner_texts(sources: list[Path], student_dir: Path) -> dict[Path, str]:
                                                    f"{student_dir.name}/{p.name}", project) for p in sources}
 
 
+def points_for(minutes: int) -> float:
+    """The points a task of about ``minutes`` minutes is worth: one per 5 minutes, rounded, at least 1."""
+    return float(max(1, round(minutes / 5)))
+
+
 def _check_headers(reference: Reference) -> str:
-    """"" when the task headers state each question's points, else what disagrees."""
+    """"" when the task headers state each question's points, and the points follow the minutes, else what
+    disagrees."""
     headers = task_headers(json.loads(reference.source.read_text(encoding="utf-8")))
     stated = {q: points for q, (points, _minutes) in headers.items()}
     if stated != reference.questions:
         return (f"{reference.source.name}: the task headers ('## qN: title (P points, about M minutes)') state "
-                f"{stated}, the tests give {reference.questions}")
+                f"{stated}, the hidden tests give {reference.questions}")
+    effort = {q: (points, points_for(minutes)) for q, (points, minutes) in headers.items()
+              if points != points_for(minutes)}
+    if effort:
+        return (f"{reference.source.name}: points follow the minutes (one point per 5 minutes, at least 1): "
+                + ", ".join(f"{q} states {p:g}, its minutes give {m:g}" for q, (p, m) in effort.items()))
     return ""
 
 
@@ -95,7 +107,7 @@ def build(source_dir: Path, student_dir: Path, timeout: float = 600.0, jobs: int
 
     def try_verify(path: Path) -> Reference | str:
         try:  # the instructor's own notebooks: no sandbox needed (and none on macOS)
-            reference = verify(path, Limits(timeout=timeout), use_sandbox=False, check_trivial=True)
+            reference = verify(path, Limits(timeout=timeout), use_sandbox=False, check_wrong_code=True)
         except ExerciseError as exc:
             return str(exc)
         return _check_headers(reference) or reference

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from course_lib.grading import sandbox, trivial
 from course_lib.grading.markers import (hidden_blocks, is_check_cell, is_tests_cell, solution_functions, strip_hidden,
-                                        student_notebook)
+                                        student_notebook, wrong_variants)
 from course_lib.grading.submissions import Submission, code_cells, learner_cells, library_uses, read_folder
 from course_lib.grading.values import compare_values, decode, difference
 
@@ -115,35 +115,54 @@ def _load_source(source: Path) -> tuple[dict, list[str], list[str]]:
     return notebook, [c for c in cells if not (is_tests_cell(c) or is_check_cell(c))], tests
 
 
-def _trivial_jobs(notebook: dict, hidden_parts: list[str]) -> list[tuple[str, str, dict]]:
-    """(question, stand-in, job) for every task and trivial stand-in: replace the task's functions, run the
-    hidden tests of that question only, put the functions back."""
+MIN_VARIANTS = 5  # wrong variants each task's source must hold
+
+
+def _wrong_code_jobs(notebook: dict, hidden_parts: list[str]) -> list[tuple[str, str, dict]]:
+    """(question, what the code is, job) for every task and each trivial stand-in and wrong variant of it: replace
+    the task's functions, run the hidden tests of that question only, put the functions back."""
     jobs = []
-    for question, targets in solution_functions(notebook).items():
-        for kind in trivial.STAND_INS:
-            jobs.append((question, kind, {"cells": [trivial.replace_source(targets, kind)]}))
-            jobs += [(question, kind, {"tests": without_expect(part), "only": question, "seconds": 10.0})
-                     for part in hidden_parts]
-            jobs.append((question, kind, {"cells": [trivial.RESTORE_SOURCE]}))
+    tasks = solution_functions(notebook)
+    replacements = [(q, f"a stand-in that {kind}", trivial.replace_source(targets, kind))
+                    for q, targets in tasks.items() for kind in trivial.STAND_INS]
+    replacements += [(q, f"the wrong variant '{label}'", trivial.save_source(tasks.get(q, [])) + "\n" + code)
+                     for q, label, code in wrong_variants(notebook)]
+    for question, what, cell in replacements:
+        jobs.append((question, what, {"cells": [cell]}))
+        jobs += [(question, what, {"tests": without_expect(part), "only": question, "seconds": 10.0})
+                 for part in hidden_parts]
+        jobs.append((question, what, {"cells": [trivial.RESTORE_SOURCE]}))
     return jobs
 
 
-def _trivial_passes(run: sandbox.Run, first: int, jobs: list[tuple[str, str, dict]],
-                    tests: list[RefTest]) -> list[str]:
-    """What each trivial stand-in earned: one line per stand-in that passed a hidden test of its task."""
+def _wrong_code_problems(run: sandbox.Run, first: int, jobs: list[tuple[str, str, dict]], tests: list[RefTest],
+                         notebook: dict) -> list[str]:
+    """What wrong code earned (one line per stand-in or variant that passed a hidden test of its task), a variant
+    that did not even run, and a task with fewer than MIN_VARIANTS variants."""
     by_key = {(t.question, t.name): t for t in tests}
     earned: dict[tuple[str, str], list[RefTest]] = {}
+    broken = set()
     for sent, entry in run.entries:
-        if sent <= first or "test" not in entry or "value" not in entry["result"]:
+        if sent <= first:
             continue
-        question, kind, _job = jobs[sent - first - 1]
+        question, what, job = jobs[sent - first - 1]
+        if "cell_error" in entry and "variant" in what and "cells" in job and "restore" not in job["cells"][0]:
+            broken.add(f"{question}: {what} raises when it is defined: {entry['cell_error']['error']}")
+        if "test" not in entry or "value" not in entry["result"]:
+            continue
         t = by_key.get((entry["test"]["question"], entry["test"]["name"]))
         if t and t.hidden and t.question == question and \
                 not compare_values(decode(entry["result"]["value"]), t.expected, t.atol, t.rtol):
-            earned.setdefault((question, kind), []).append(t)
-    return [f"{q}: a stand-in that {kind} passes {', '.join(t.name for t in passed)} "
-            f"({sum(t.points for t in passed):g} points): make the hidden tests fail it"
-            for (q, kind), passed in earned.items()]
+            earned.setdefault((question, what), []).append(t)
+    problems = [f"{q}: {what} passes {', '.join(t.name for t in passed)} "
+                f"({sum(t.points for t in passed):g} points): make the hidden tests fail it"
+                for (q, what), passed in earned.items()] + sorted(broken)
+    counts = {q: 0 for q in solution_functions(notebook)}
+    for question, _label, _code in wrong_variants(notebook):
+        counts[question] = counts.get(question, 0) + 1
+    problems += [f"{q} has {n} wrong variants in the variants cell; write at least {MIN_VARIANTS}"
+                 for q, n in counts.items() if n < MIN_VARIANTS]
+    return problems
 
 
 def _rule_problems(reported: list[tuple[dict, bool]]) -> list[str]:
@@ -159,17 +178,18 @@ def _rule_problems(reported: list[tuple[dict, bool]]) -> list[str]:
 
 
 def verify(source: Path, limits: sandbox.Limits | None = None, use_sandbox: bool = True,
-           check_trivial: bool = False) -> Reference:
+           check_wrong_code: bool = False) -> Reference:
     """Run the source notebook's solutions against all its tests; ExerciseError unless everything passes.
 
-    With ``check_trivial``, also run each task's hidden tests on trivial stand-ins (``trivial.STAND_INS``) and
-    refuse the exercise when one of them passes a hidden test."""
+    With ``check_wrong_code``, also run each task's hidden tests on trivial stand-ins (``trivial.STAND_INS``) and
+    on the source's wrong variants, and refuse the exercise when one of them passes a hidden test or a task has
+    fewer than MIN_VARIANTS variants (mutation testing of the tests)."""
     source, limits = Path(source), limits or sandbox.Limits(timeout=120.0)
     notebook, cells, tests_cells = _load_source(source)
     parts, visible = _test_parts(tests_cells, source)
     first_run = [{"cells": cells}, *({"tests": p} for p in parts)]
-    trivial_jobs = _trivial_jobs(notebook, parts[visible:]) if check_trivial else []
-    run = sandbox.run_sandboxed(first_run + [job for _q, _k, job in trivial_jobs], limits, sandbox=use_sandbox)
+    wrong_jobs = _wrong_code_jobs(notebook, parts[visible:]) if check_wrong_code else []
+    run = sandbox.run_sandboxed(first_run + [job for _q, _k, job in wrong_jobs], limits, sandbox=use_sandbox)
     mine = [(sent, e) for sent, e in run.entries if sent <= len(first_run)]
     failures = [f"cell {e['cell_error']['cell']}: {e['cell_error']['error']}" for _, e in mine
                 if "cell_error" in e] + [f"tests cell: {e['tests_error']}" for _, e in mine if "tests_error" in e]
@@ -198,8 +218,8 @@ def verify(source: Path, limits: sandbox.Limits | None = None, use_sandbox: bool
         details = "; ".join(filter(None, [run.problem, *failures])) or "it defines no tests"
         raise ExerciseError(f"{source.name}: the solution does not pass its own tests: {details}"
                             + (f"\n{run.diagnostics[-2000:]}" if run.problem and run.diagnostics else ""))
-    if earned := _trivial_passes(run, len(first_run), trivial_jobs, tests):
-        raise ExerciseError(f"{source.name}: trivial code earns points: " + "; ".join(earned))
+    if wrong_jobs and (problems := _wrong_code_problems(run, len(first_run), wrong_jobs, tests, notebook)):
+        raise ExerciseError(f"{source.name}: wrong code earns points: " + "; ".join(problems))
     template = learner_cells(student_notebook(notebook, source.stem))
     library = notebook.get("metadata", {}).get("grading", {}).get("library_implementations", {})
     return Reference(source, tests, [{"tests": without_expect(p)} for p in parts], visible,

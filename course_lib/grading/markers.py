@@ -10,6 +10,16 @@ A task cell hides its solution between two markers; the build replaces the block
 A tests cell starts with ``# BEGIN TESTS`` and ends with ``# END TESTS``; its tests register themselves with
 ``@test("q1", hint=...)``. Tests between ``# BEGIN HIDDEN`` and ``# END HIDDEN`` are removed from the student
 version and only run when grading. A check cell is a cell of ``check("q1")`` lines.
+
+A variants cell (a raw cell, so nothing runs it) holds plausible wrong implementations of the tasks, each after
+a ``# variant qN: what is wrong`` line; the build checks that each one earns none of its task's points, and the
+student version leaves the cell out::
+
+    # BEGIN VARIANTS
+    # variant q1: keeps the token that crosses top_p out
+    def top_p_filter(scores, top_p):
+        ...
+    # END VARIANTS
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ STUB = f'raise NotImplementedError("{STUB_MESSAGE}")'
 _BEGIN_SOLUTION, _END_SOLUTION = "# BEGIN SOLUTION", "# END SOLUTION"
 _BEGIN_HIDDEN, _END_HIDDEN = "# BEGIN HIDDEN", "# END HIDDEN"
 _BEGIN_TESTS, _END_TESTS = "# BEGIN TESTS", "# END TESTS"
+_BEGIN_VARIANTS, _END_VARIANTS = "# BEGIN VARIANTS", "# END VARIANTS"
+_VARIANT = re.compile(r"^# variant (?P<question>\w+): (?P<label>.+)$")
 _TASK_HEADER = re.compile(r"##\s+(?P<question>\w+):[^\n]*\((?P<points>\d+(?:\.\d+)?) points?, "
                           r"about (?P<minutes>\d+) minutes?\)\s*$", re.MULTILINE)
 _CHECK_LINE = re.compile(r"""^check\(\s*((['"])\w+\2)?\s*\)\s*(#.*)?$""")
@@ -108,6 +120,31 @@ def task_headers(notebook: dict) -> dict[str, tuple[float, int]]:
     return found
 
 
+def is_variants_cell(cell: dict) -> bool:
+    """True for a raw cell whose first line is ``# BEGIN VARIANTS``."""
+    lines = cell_source(cell).strip().splitlines()
+    return cell.get("cell_type") == "raw" and bool(lines) and lines[0].strip() == _BEGIN_VARIANTS
+
+
+def wrong_variants(notebook: dict) -> list[tuple[str, str, str]]:
+    """(question, what is wrong, source) of every wrong variant in the notebook's variants cells."""
+    found = []
+    for number, cell in enumerate(notebook.get("cells", []), start=1):
+        if not is_variants_cell(cell):
+            continue
+        lines = cell_source(cell).strip().splitlines()
+        if lines[-1].strip() != _END_VARIANTS:
+            raise MarkerError(f"cell {number}: a variants cell must end with '{_END_VARIANTS}'")
+        for line in lines[1:-1]:
+            if match := _VARIANT.match(line):
+                found.append((match["question"], match["label"].strip(), []))
+            elif found:
+                found[-1][2].append(line)
+            elif line.strip():
+                raise MarkerError(f"cell {number}: code before the first '# variant qN: ...' line")
+    return [(question, label, "\n".join(code)) for question, label, code in found]
+
+
 def solution_functions(notebook: dict) -> dict[str, list[tuple[str | None, str]]]:
     """question -> the ``(class or None, function)`` whose body holds a solution block, in the code cells
     after that question's task header."""
@@ -142,6 +179,7 @@ def student_notebook(notebook: dict, name: str) -> dict:
     ``name`` only labels marker errors.
     """
     student = copy.deepcopy(notebook)
+    student["cells"] = [cell for cell in student["cells"] if not is_variants_cell(cell)]
     for number, cell in enumerate(student["cells"], start=1):
         if cell.get("cell_type") != "code":
             continue

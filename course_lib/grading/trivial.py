@@ -1,9 +1,10 @@
-"""Trivial implementations of a task, which must earn none of its points.
+"""Code that must earn none of a task's points: trivial stand-ins and the instructor's wrong variants.
 
 When the build verifies an exercise, it replaces the functions of each task (the ones whose body holds the
-solution block) with each stand-in below in turn, runs that task's hidden tests, and refuses the exercise when a
-stand-in passes one of them: a test that "return the input" or "return False" passes gives points for nothing.
-The stand-ins receive the task function's arguments (without ``self``) and ignore what they mean.
+solution block) with each stand-in below in turn, and with each wrong variant of the source's variants cell,
+runs that task's hidden tests, and refuses the exercise when one of them passes a test: a test that "return the
+input" or "off by one" passes gives points for nothing. The stand-ins receive the task function's arguments
+(without ``self``) and ignore what they mean; a variant is a full wrong definition, run as a cell.
 """
 
 from __future__ import annotations
@@ -43,15 +44,23 @@ STAND_INS: dict[str, Callable[[tuple], Any]] = {
 }
 
 
+def save(namespace: dict, targets: list[tuple[str | None, str]]) -> None:
+    """Keep each ``(class or None, function)`` of ``namespace`` (and the class itself) for ``restore``."""
+    originals = namespace.setdefault(_ORIGINALS, {})
+    for owner, name in targets:
+        holder = namespace[owner] if owner else None
+        originals.setdefault((owner, name), getattr(holder, name) if holder is not None else namespace[name])
+        if owner:
+            originals.setdefault((None, owner), holder)
+
+
 def replace(namespace: dict, targets: list[tuple[str | None, str]], kind: str) -> None:
     """Replace each ``(class or None, function)`` of ``namespace`` with the stand-in ``kind``, keeping the
     originals for ``restore``."""
-    originals = namespace.setdefault(_ORIGINALS, {})
+    save(namespace, targets)
     stand_in = STAND_INS[kind]
     for owner, name in targets:
         holder = namespace[owner] if owner else None
-        original = getattr(holder, name) if holder is not None else namespace[name]
-        originals.setdefault((owner, name), original)
         if holder is None:
             namespace[name] = lambda *args, **kwargs: stand_in(args + tuple(kwargs.values()))
         else:  # a method: drop self
@@ -59,8 +68,9 @@ def replace(namespace: dict, targets: list[tuple[str | None, str]], kind: str) -
 
 
 def restore(namespace: dict) -> None:
-    """Put back every function that ``replace`` replaced."""
-    for (owner, name), original in namespace.pop(_ORIGINALS, {}).items():
+    """Put back every class and function that ``save`` kept (classes first, then their methods)."""
+    originals = namespace.pop(_ORIGINALS, {})
+    for (owner, name), original in sorted(originals.items(), key=lambda item: item[0][0] is not None):
         if owner:
             setattr(namespace[owner], name, original)
         else:
@@ -71,6 +81,11 @@ def replace_source(targets: list[tuple[str | None, str]], kind: str) -> str:
     """The code cell that makes a notebook's namespace use the stand-in ``kind`` for ``targets``."""
     return (f"import course_lib.grading.trivial as _course_trivial\n"
             f"_course_trivial.replace(globals(), {targets!r}, {kind!r})")
+
+
+def save_source(targets: list[tuple[str | None, str]]) -> str:
+    """The code cell that keeps ``targets`` before a wrong variant redefines them."""
+    return f"import course_lib.grading.trivial as _course_trivial\n_course_trivial.save(globals(), {targets!r})"
 
 
 RESTORE_SOURCE = "import course_lib.grading.trivial as _course_trivial\n_course_trivial.restore(globals())"
