@@ -73,7 +73,7 @@ def test_learner_notebooks_hold_no_solution_and_no_hidden_test(source_path):
     source = json.loads(source_path.read_text(encoding="utf-8"))
     learner = json.loads((LEARNER / source_path.name).read_text(encoding="utf-8"))
     text = "\n".join(cell_source(c) for c in learner["cells"])
-    for marker in ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN", "END HIDDEN"):
+    for marker in ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN", "END HIDDEN", "BEGIN VARIANTS", "# variant q"):
         assert marker not in text
     solution, hidden = _solution_lines(source), _hidden_test_names(source)
     assert solution and hidden, "the source has solutions and hidden tests"
