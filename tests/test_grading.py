@@ -289,22 +289,24 @@ def test_hidden_differences_do_not_show_values():
 
 # --- build and grade ---------------------------------------------------------------------------------------
 
-def test_build_refuses_when_a_solution_fails_its_tests(tmp_path, capsys):
-    write(tmp_path / "src" / "add.ipynb", add_exercise(SOLUTION.replace("a + b", "a - b")))
+def refused_build(tmp_path: Path, capsys, source: dict) -> str:
+    """Build ``source`` as the only exercise; assert that the build refuses and writes nothing; return its error."""
+    write(tmp_path / "src" / "add.ipynb", source)
     assert main(["exercises", "build", str(tmp_path / "src"), str(tmp_path / "student")]) == 1
-    err = capsys.readouterr().err
-    assert "refusing to build" in err and "adds_small_numbers" in err and "expected 3, got -1" in err
     assert not (tmp_path / "student").exists()
+    return capsys.readouterr().err
+
+
+def test_build_refuses_when_a_solution_fails_its_tests(tmp_path, capsys):
+    err = refused_build(tmp_path, capsys, add_exercise(SOLUTION.replace("a + b", "a - b")))
+    assert "refusing to build" in err and "adds_small_numbers" in err and "expected 3, got -1" in err
 
 
 def test_build_refuses_when_a_task_header_states_other_points(tmp_path, capsys):
     nb = add_exercise()
     nb["cells"][2]["source"] = "## q1: add two numbers (5 points, about 25 minutes)"
-    write(tmp_path / "src" / "add.ipynb", nb)
-    assert main(["exercises", "build", str(tmp_path / "src"), str(tmp_path / "student")]) == 1
     assert "the task headers ('## qN: title (P points, about M minutes)') state {'q1': 5.0}, the hidden tests give " \
-           "{'q1': 3.0}" in capsys.readouterr().err
-    assert not (tmp_path / "student").exists()
+           "{'q1': 3.0}" in refused_build(tmp_path, capsys, nb)
 
 
 # The self-answering attack: the learner notebook holds the visible tests with their expect= references. A submission
@@ -342,35 +344,25 @@ def self_answering(learner: dict) -> dict:
 def test_build_refuses_when_trivial_code_passes_a_hidden_test(tmp_path, capsys):
     nb = add_exercise()
     nb["cells"][4]["source"] = TESTS.replace("add(-1, -2)", "add(0, 0)").replace("expect=-3", "expect=0")
-    write(tmp_path / "src" / "add.ipynb", nb)
-    assert main(["exercises", "build", str(tmp_path / "src"), str(tmp_path / "student")]) == 1
-    err = capsys.readouterr().err
+    err = refused_build(tmp_path, capsys, nb)
     assert "add.ipynb: wrong code earns points: q1: a stand-in that returns its first input passes " \
            "adds_negative_numbers (2 points)" in err
     assert "q1: a stand-in that returns 0 passes adds_negative_numbers (2 points)" in err
     assert "returns zeros shaped like its first tensor passes adds_negative_numbers" in err  # 0 for no tensor
-    assert not (tmp_path / "student").exists()
 
 
 def test_build_refuses_a_wrong_variant_that_earns_points_and_too_few_variants(tmp_path, capsys):
-    write(tmp_path / "src" / "add.ipynb", add_exercise(variants=VARIANTS.replace("a + b + 1", "a + b + 0")))
-    assert main(["exercises", "build", str(tmp_path / "src"), str(tmp_path / "student")]) == 1
-    err = capsys.readouterr().err
+    err = refused_build(tmp_path, capsys, add_exercise(variants=VARIANTS.replace("a + b + 1", "a + b + 0")))
     assert "q1: the wrong variant 'off by one' passes adds_positive_numbers, adds_negative_numbers (3 points)" in err
-    write(tmp_path / "src" / "add.ipynb", add_exercise(variants=VARIANTS.split("# variant q1: multiplies")[0]
-                                                       + "# END VARIANTS"))
-    assert main(["exercises", "build", str(tmp_path / "src"), str(tmp_path / "student")]) == 1
-    assert "q1 has 2 wrong variants in the variants cell; write at least 5" in capsys.readouterr().err
-    assert not (tmp_path / "student").exists()
+    few = add_exercise(variants=VARIANTS.split("# variant q1: multiplies")[0] + "# END VARIANTS")
+    assert "q1 has 2 wrong variants in the variants cell; write at least 5" in refused_build(tmp_path, capsys, few)
 
 
 def test_build_refuses_points_that_do_not_follow_the_minutes(tmp_path, capsys):
     nb = add_exercise()
     nb["cells"][2]["source"] = "## q1: add two numbers (3 points, about 40 minutes)"
-    write(tmp_path / "src" / "add.ipynb", nb)
-    assert main(["exercises", "build", str(tmp_path / "src"), str(tmp_path / "student")]) == 1
     assert "points follow the minutes (one point per 5 minutes, at least 1): q1 states 3, its minutes give 8" \
-        in capsys.readouterr().err
+        in refused_build(tmp_path, capsys, nb)
 
 
 def test_the_learner_copy_leaves_the_variants_out():
@@ -385,9 +377,7 @@ def test_build_refuses_points_on_a_visible_test_and_a_question_without_hidden_te
     nb = add_exercise()
     nb["cells"][4]["source"] = TESTS.replace('@test("q1", hint="use +"', '@test("q1", points=1, hint="use +"')
     nb["cells"][4]["source"] = nb["cells"][4]["source"].split("# BEGIN HIDDEN")[0] + "# END TESTS"
-    write(tmp_path / "src" / "add.ipynb", nb)
-    assert main(["exercises", "build", str(tmp_path / "src"), str(tmp_path / "student")]) == 1
-    err = capsys.readouterr().err
+    err = refused_build(tmp_path, capsys, nb)
     assert "test adds_small_numbers of q1 is visible and states points=" in err
     assert "q1 has no hidden test, and only hidden tests give points" in err
 

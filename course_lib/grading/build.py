@@ -3,13 +3,12 @@
 Every ``*.ipynb`` directly in the sources folder (``exercises/instructor``) is an exercise; adding a topic's
 exercise is adding one file. The build checks each source's markers and task headers, runs its solutions
 against all of its tests and refuses to write anything when one fails; then it writes the learner notebook
-(``exercises/NN_topic_exercises.ipynb``): solutions stubbed out, hidden tests and outputs removed, an "Open in
-Colab" badge and a setup cell on top. It also replaces each task's functions with trivial stand-ins
+(``exercises/NN_topic_exercises.ipynb``): solutions stubbed out, hidden tests, variants and outputs removed, an
+"Open in Colab" badge and a setup cell on top. It also replaces each task's functions with trivial stand-ins
 (``trivial.STAND_INS``: return the input, None, zeros, the uniform distribution...) and with the source's wrong
 variants (at least five per task), and refuses the exercise when one of them passes a hidden test: only hidden
-tests give points, and none may give them for wrong code. The
-learner notebook is a pure function of its source, so
-``build --check`` can tell, without running anything, whether a committed learner notebook is out of date.
+tests give points, and none may give them for wrong code. The learner notebook is a pure function of its source,
+so ``build --check`` can tell, without running anything, whether a committed learner notebook is out of date.
 """
 
 from __future__ import annotations
@@ -96,8 +95,9 @@ def out_of_date(source_dir: Path, student_dir: Path) -> list[Path]:
 def build(source_dir: Path, student_dir: Path, timeout: float = 600.0, jobs: int = 1) -> dict[str, Reference]:
     """Verify every exercise in ``source_dir`` and write its learner notebook to ``student_dir``.
 
-    Raises ExerciseError (writing nothing) when a solution fails its tests, a trivial stand-in passes a hidden
-    test, or a task header states other points than its hidden tests give.
+    Raises ExerciseError (writing nothing) when a solution fails its tests, a stand-in or wrong variant passes a
+    hidden test, a task has too few variants, or a task header states other points than its hidden tests give or
+    than its minutes are worth.
     Returns the verified references by notebook name, which ``grade_folder`` accepts to skip verifying again.
     """
     sources, student_dir = source_notebooks(source_dir), Path(student_dir)

@@ -118,51 +118,76 @@ def _load_source(source: Path) -> tuple[dict, list[str], list[str]]:
 MIN_VARIANTS = 5  # wrong variants each task's source must hold
 
 
-def _wrong_code_jobs(notebook: dict, hidden_parts: list[str]) -> list[tuple[str, str, dict]]:
-    """(question, what the code is, job) for every task and each trivial stand-in and wrong variant of it: replace
-    the task's functions, run the hidden tests of that question only, put the functions back."""
-    jobs = []
-    tasks = solution_functions(notebook)
+def result_problem(entry: dict) -> str:
+    """"" when a test report holds a result equal to the expected value computed in the same run (the
+    instructor's run, ``course exercises validate``), else what is wrong."""
+    test, result, expected = entry["test"], entry["result"], entry.get("expected", {})
+    if "value" not in expected:
+        return f"no expect= value could be computed ({expected.get('raised') or 'the test has no expect='})"
+    if result.get("stub"):
+        return f"{NOT_ATTEMPTED}: the code still raises NotImplementedError"
+    if "value" not in result:
+        return (f"your code raised {result['raised']}" if "raised" in result
+                else TIMED_OUT if result.get("timed_out") else str(result.get("unsupported")))
+    return compare_values(decode(result["value"]), decode(expected["value"]), test["atol"], test["rtol"])
+
+
+@dataclass
+class _WrongJob:
+    """One job of the wrong-code check: for ``question``, the cell that puts ``what`` in place of the task's
+    functions (``defines``), one of its hidden tests parts, or the cell that puts the functions back."""
+
+    question: str
+    what: str
+    job: dict
+    defines: bool = False
+
+
+def _wrong_code_jobs(tasks: dict[str, list[tuple[str | None, str]]], variants: list[tuple[str, str, str]],
+                     hidden_parts: list[str]) -> list[_WrongJob]:
+    """The jobs that run each task's hidden tests (that question only) on each trivial stand-in and wrong variant
+    of the task's functions, putting the functions back after each."""
     replacements = [(q, f"a stand-in that {kind}", trivial.replace_source(targets, kind))
                     for q, targets in tasks.items() for kind in trivial.STAND_INS]
     replacements += [(q, f"the wrong variant '{label}'", trivial.save_source(tasks.get(q, [])) + "\n" + code)
-                     for q, label, code in wrong_variants(notebook)]
+                     for q, label, code in variants]
+    jobs = []
     for question, what, cell in replacements:
-        jobs.append((question, what, {"cells": [cell]}))
-        jobs += [(question, what, {"tests": without_expect(part), "only": question, "seconds": 10.0})
+        jobs.append(_WrongJob(question, what, {"cells": [cell]}, defines=True))
+        jobs += [_WrongJob(question, what, {"tests": without_expect(part), "only": question, "seconds": 10.0})
                  for part in hidden_parts]
-        jobs.append((question, what, {"cells": [trivial.RESTORE_SOURCE]}))
+        jobs.append(_WrongJob(question, what, {"cells": [trivial.RESTORE_SOURCE]}))
     return jobs
 
 
-def _wrong_code_problems(run: sandbox.Run, first: int, jobs: list[tuple[str, str, dict]], tests: list[RefTest],
-                         notebook: dict) -> list[str]:
-    """What wrong code earned (one line per stand-in or variant that passed a hidden test of its task), a variant
-    that did not even run, and a task with fewer than MIN_VARIANTS variants."""
+def _variant_count_problems(tasks: dict[str, list], variants: list[tuple[str, str, str]]) -> list[str]:
+    """A line for each task with fewer than MIN_VARIANTS wrong variants."""
+    counts = {q: sum(v[0] == q for v in variants) for q in tasks}
+    return [f"{q} has {n} wrong variants in the variants cell; write at least {MIN_VARIANTS}"
+            for q, n in counts.items() if n < MIN_VARIANTS]
+
+
+def _wrong_code_problems(run: sandbox.Run, first: int, jobs: list[_WrongJob], tests: list[RefTest]) -> list[str]:
+    """What wrong code earned (one line per stand-in or variant that passed a hidden test of its task), and each
+    variant that raised when it was defined."""
     by_key = {(t.question, t.name): t for t in tests}
     earned: dict[tuple[str, str], list[RefTest]] = {}
     broken = set()
     for sent, entry in run.entries:
         if sent <= first:
             continue
-        question, what, job = jobs[sent - first - 1]
-        if "cell_error" in entry and "variant" in what and "cells" in job and "restore" not in job["cells"][0]:
-            broken.add(f"{question}: {what} raises when it is defined: {entry['cell_error']['error']}")
+        job = jobs[sent - first - 1]
+        if "cell_error" in entry and job.defines:
+            broken.add(f"{job.question}: {job.what} raises when it is defined: {entry['cell_error']['error']}")
         if "test" not in entry or "value" not in entry["result"]:
             continue
         t = by_key.get((entry["test"]["question"], entry["test"]["name"]))
-        if t and t.hidden and t.question == question and \
+        if t and t.hidden and t.question == job.question and \
                 not compare_values(decode(entry["result"]["value"]), t.expected, t.atol, t.rtol):
-            earned.setdefault((question, what), []).append(t)
-    problems = [f"{q}: {what} passes {', '.join(t.name for t in passed)} "
-                f"({sum(t.points for t in passed):g} points): make the hidden tests fail it"
-                for (q, what), passed in earned.items()] + sorted(broken)
-    counts = {q: 0 for q in solution_functions(notebook)}
-    for question, _label, _code in wrong_variants(notebook):
-        counts[question] = counts.get(question, 0) + 1
-    problems += [f"{q} has {n} wrong variants in the variants cell; write at least {MIN_VARIANTS}"
-                 for q, n in counts.items() if n < MIN_VARIANTS]
-    return problems
+            earned.setdefault((job.question, job.what), []).append(t)
+    return [f"{q}: {what} passes {', '.join(t.name for t in passed)} "
+            f"({sum(t.points for t in passed):g} points): make the hidden tests fail it"
+            for (q, what), passed in earned.items()] + sorted(broken)
 
 
 def _rule_problems(reported: list[tuple[dict, bool]]) -> list[str]:
@@ -188,8 +213,9 @@ def verify(source: Path, limits: sandbox.Limits | None = None, use_sandbox: bool
     notebook, cells, tests_cells = _load_source(source)
     parts, visible = _test_parts(tests_cells, source)
     first_run = [{"cells": cells}, *({"tests": p} for p in parts)]
-    wrong_jobs = _wrong_code_jobs(notebook, parts[visible:]) if check_wrong_code else []
-    run = sandbox.run_sandboxed(first_run + [job for _q, _k, job in wrong_jobs], limits, sandbox=use_sandbox)
+    tasks, variants = solution_functions(notebook), wrong_variants(notebook)
+    wrong_jobs = _wrong_code_jobs(tasks, variants, parts[visible:]) if check_wrong_code else []
+    run = sandbox.run_sandboxed(first_run + [w.job for w in wrong_jobs], limits, sandbox=use_sandbox)
     mine = [(sent, e) for sent, e in run.entries if sent <= len(first_run)]
     failures = [f"cell {e['cell_error']['cell']}: {e['cell_error']['error']}" for _, e in mine
                 if "cell_error" in e] + [f"tests cell: {e['tests_error']}" for _, e in mine if "tests_error" in e]
@@ -199,17 +225,13 @@ def verify(source: Path, limits: sandbox.Limits | None = None, use_sandbox: bool
             continue
         t, hidden = entry["test"], sent - 1 > visible
         reported.append((t, hidden))
-        if "value" not in entry.get("expected", {}):
-            failures.append(f"test {t['name']}: no expect= value could be computed ({entry.get('expected')})")
-            continue
-        expected = decode(entry["expected"]["value"])
-        result = entry["result"]
-        problem = (compare_values(decode(result["value"]), expected, t["atol"], t["rtol"]) if "value" in result
-                   else f"raised {result.get('raised') or result.get('unsupported') or 'nothing: it timed out'}")
-        if problem:
+        if problem := result_problem(entry):
             failures.append(f"test {t['name']} of {t['question']}: {problem}")
+        if "value" not in entry.get("expected", {}):
+            continue
         points = (1.0 if t["points"] is None else float(t["points"])) if hidden else 0.0
-        tests.append(RefTest(t["question"], t["name"], points, t["hint"], hidden, expected, t["atol"], t["rtol"]))
+        tests.append(RefTest(t["question"], t["name"], points, t["hint"], hidden, decode(entry["expected"]["value"]),
+                             t["atol"], t["rtol"]))
     failures += _rule_problems(reported)
     names = [(t.question, t.name) for t in tests]
     if len(set(names)) != len(names):
@@ -218,7 +240,9 @@ def verify(source: Path, limits: sandbox.Limits | None = None, use_sandbox: bool
         details = "; ".join(filter(None, [run.problem, *failures])) or "it defines no tests"
         raise ExerciseError(f"{source.name}: the solution does not pass its own tests: {details}"
                             + (f"\n{run.diagnostics[-2000:]}" if run.problem and run.diagnostics else ""))
-    if wrong_jobs and (problems := _wrong_code_problems(run, len(first_run), wrong_jobs, tests, notebook)):
+    problems = (_wrong_code_problems(run, len(first_run), wrong_jobs, tests)
+                + _variant_count_problems(tasks, variants)) if check_wrong_code else []
+    if problems:
         raise ExerciseError(f"{source.name}: wrong code earns points: " + "; ".join(problems))
     template = learner_cells(student_notebook(notebook, source.stem))
     library = notebook.get("metadata", {}).get("grading", {}).get("library_implementations", {})
@@ -290,14 +314,15 @@ def grade_submission(submission: Submission, reference: Reference, limits: sandb
     (nothing the submission sends is kept, so the grader's memory stays bounded)."""
     graded = Graded(submission.student, [Verdict(t) for t in reference.tests])
     by_name = {(t.question, t.name): v for t, v in zip(reference.tests, graded.verdicts)}
-    seen, errors, running = set(), {}, ["the start"]
+    seen, errors, running = set(), {}, "the start"
 
     def decide(sent: int, entry: dict) -> bool:
+        nonlocal running
         error = entry.get("cell_error")
         if sent == 1 and isinstance(error, dict) and error.get("cell") in range(1, len(submission.cells) + 1):
             errors.setdefault(error["cell"], str(error.get("error"))[:300])  # read before any test was sent
         if isinstance(entry.get("running"), str) and _RUNNING.match(entry["running"]):
-            running[0] = entry["running"]
+            running = entry["running"]
         test, result = entry.get("test"), entry.get("result")
         if sent >= 2 and isinstance(test, dict) and isinstance(result, dict):  # earlier "results" are forged
             key = (str(test.get("question")), str(test.get("name")))
@@ -315,7 +340,7 @@ def grade_submission(submission: Submission, reference: Reference, limits: sandb
                           for cell, text in sorted(errors.items())]
     if run.problem:
         names = {t.name for t in reference.tests}
-        known = running[0] if running[0].startswith("code cell") or running[0][5:] in names else "the start"
+        known = running if running.startswith("code cell") or running[5:] in names else "the start"
         graded.problem = f"{run.problem} while running {known}"
         for key, verdict in by_name.items():
             if known == f"test {key[1]}" and key not in seen:
@@ -397,34 +422,31 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def display_names(students: list[str]) -> list[str]:
-    """Each student name as plain printable text: undecodable bytes and control characters replaced, at most
-    100 characters, made distinct (a suffix -2, -3...) where that made two names equal."""
-    shown, used = [], set()
-    for student in students:
-        text = student.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        base = "".join(c if c.isprintable() else "?" for c in text)[:100] or "?"
+def _distinct(bases: list[str], key=lambda name: name) -> list[str]:
+    """``bases`` with a suffix -2, -3... where a name's ``key`` equals an earlier one's."""
+    names, used = [], set()
+    for base in bases:
         name, n = base, 1
-        while name in used:
+        while key(name) in used:
             n += 1
             name = f"{base}-{n}"
-        used.add(name)
-        shown.append(name)
-    return shown
+        used.add(key(name))
+        names.append(name)
+    return names
+
+
+def display_names(students: list[str]) -> list[str]:
+    """Each student name as plain printable text: undecodable bytes and control characters replaced, at most
+    100 characters, made distinct where that made two names equal."""
+    texts = (student.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for student in students)
+    return _distinct(["".join(c if c.isprintable() else "?" for c in text)[:100] or "?" for text in texts])
 
 
 def _feedback_names(students: list[str]) -> dict[str, str]:
-    """student -> a plain file name for their feedback (letters, digits, . _ -), distinct for distinct students."""
-    names, used = {}, set()
-    for student in students:
-        base = re.sub(r"[^\w.-]", "_", student, flags=re.ASCII).lstrip(".")[:100] or "_"
-        name, n = base, 1
-        while name.lower() in used:
-            n += 1
-            name = f"{base}-{n}"
-        used.add(name.lower())
-        names[student] = name
-    return names
+    """student -> a plain file name for their feedback (letters, digits, . _ -), distinct for distinct students
+    (also on file systems that ignore case)."""
+    bases = [re.sub(r"[^\w.-]", "_", student, flags=re.ASCII).lstrip(".")[:100] or "_" for student in students]
+    return dict(zip(students, _distinct(bases, key=str.lower)))
 
 
 def check_jobs(jobs: int) -> None:

@@ -12,21 +12,8 @@ import sys
 from pathlib import Path
 
 from course_lib.grading import sandbox, submissions
-from course_lib.grading.grade import first_line
+from course_lib.grading.grade import first_line, result_problem
 from course_lib.grading.markers import is_tests_cell, strip_hidden
-from course_lib.grading.values import compare_values, decode
-
-
-def _test_problem(entry: dict) -> str:
-    """"" when a test's result matches its expected value (both computed in the run), else what is wrong."""
-    test, result, expected = entry["test"], entry["result"], entry.get("expected", {})
-    if result.get("stub"):
-        return "not attempted: the code still raises NotImplementedError"
-    if "value" not in expected:
-        return f"the test's expect= {'raised ' + str(expected['raised']) if 'raised' in expected else 'is missing'}"
-    if "value" not in result:
-        return f"your code raised {result['raised']}" if "raised" in result else str(result.get("unsupported"))
-    return compare_values(decode(result["value"]), decode(expected["value"]), test["atol"], test["rtol"])
 
 
 def validate(path: Path, timeout: float = 60.0) -> int:
@@ -59,7 +46,7 @@ def validate(path: Path, timeout: float = 60.0) -> int:
             raised += 1
             print(f"a tests cell raised {entry['tests_error']}")
         elif "test" in entry:
-            test, problem = entry["test"], _test_problem(entry)
+            test, problem = entry["test"], result_problem(entry)
             if not problem:
                 passed += 1
                 print(f"passed  {test['question']} {test['name']}")
