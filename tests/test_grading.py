@@ -358,6 +358,29 @@ def test_build_refuses_a_wrong_variant_that_earns_points_and_too_few_variants(tm
     assert "q1 has 2 wrong variants in the variants cell; write at least 5" in refused_build(tmp_path, capsys, few)
 
 
+def test_build_refuses_a_later_cell_that_changes_what_the_tests_see(tmp_path, capsys):
+    """check("q1") runs below the task, grading after the whole notebook: a cell in between that changes what the
+    tests see (here it replaces the learner's function when it gets 2 + 2 wrong) makes the two disagree."""
+    only_two_plus_two = "# variant q1: wrong for 2 + 2 only\ndef add(a, b):\n    return 5 if (a, b) == (2, 2) else a + b\n"
+    nb = add_exercise(variants=VARIANTS.replace("# END VARIANTS", only_two_plus_two + "# END VARIANTS"))
+    demo = {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+            "source": "if add(2, 2) != 4:\n    add = lambda a, b: 0  # a demo that replaces a wrong function"}
+    nb["cells"].insert(6, demo)
+    err = refused_build(tmp_path, capsys, nb)
+    assert "q1: with the wrong variant 'wrong for 2 + 2 only', test adds_small_numbers passes right after the task " \
+           "but not once the cells below it ran again: check() and grading would disagree" in err
+    assert "'off by one', test" not in err  # a variant that fails everywhere fails the same way at both places
+
+
+def test_build_refuses_a_learner_copy_that_holds_an_answer(tmp_path, capsys):
+    nb = add_exercise()
+    nb["metadata"]["grading"] = {"library_implementations": {"q1": ["operator.add"]}}
+    assert "add: the learner notebook holds answers: q1: operator.add" in refused_build(tmp_path, capsys, nb)
+    nb["cells"][4]["source"] = TESTS.replace("expect=lambda: operator.add(1, 2)", "expect=3")
+    nb["cells"][1]["source"] += "\nfrom operator import add as plus"
+    assert "q1: operator.add" in refused_build(tmp_path, capsys, nb)  # imported, even if never used
+
+
 def test_build_refuses_points_that_do_not_follow_the_minutes(tmp_path, capsys):
     nb = add_exercise()
     nb["cells"][2]["source"] = "## q1: add two numbers (3 points, about 40 minutes)"

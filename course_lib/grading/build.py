@@ -7,7 +7,10 @@ against all of its tests and refuses to write anything when one fails; then it w
 "Open in Colab" badge and a setup cell on top. It also replaces each task's functions with trivial stand-ins
 (``trivial.STAND_INS``: return the input, None, zeros, the uniform distribution...) and with the source's wrong
 variants (at least five per task), and refuses the exercise when one of them passes a hidden test: only hidden
-tests give points, and none may give them for wrong code. The learner notebook is a pure function of its source,
+tests give points, and none may give them for wrong code. Each variant's tests run right after it is defined (where
+``check("qN")`` runs them) and again after the cells below the task (where grading runs them); a verdict that
+differs refuses the exercise, so ``check()`` and grading agree. A learner notebook that imports or uses one of a
+task's library implementations is refused too. The learner notebook is a pure function of its source,
 so ``build --check`` can tell, without running anything, whether a committed learner notebook is out of date.
 """
 
@@ -21,6 +24,7 @@ from course_lib.colab import (SETUP_TAG, Project, badge_source, find_project, no
                               with_setup_cells)
 from course_lib.grading.grade import ExerciseError, Reference, check_jobs, verify
 from course_lib.grading.markers import student_notebook, task_headers
+from course_lib.grading.submissions import code_cells, library_imports, library_uses
 from course_lib.grading.sandbox import Limits
 
 
@@ -86,6 +90,21 @@ def _check_headers(reference: Reference) -> str:
     return ""
 
 
+def _answers_in_learner_copy(source: dict, name: str) -> str:
+    """"" when the learner notebook cut from ``source`` neither imports nor uses a library implementation of one
+    of its tasks (the notebook's ``library_implementations``), else which ones it does: the references the tests
+    need belong in hidden blocks, and visible tests compare with literal values or properties."""
+    cells = code_cells(student_notebook(source, name))
+    library = source.get("metadata", {}).get("grading", {}).get("library_implementations", {})
+    found = {q: sorted(set(library_uses(cells, [], library).get(q, []) + library_imports(cells, library).get(q, [])))
+             for q in library}
+    found = {q: names for q, names in found.items() if names}
+    if not found:
+        return ""
+    return (f"{name}: the learner notebook holds answers: " + "; ".join(f"{q}: {', '.join(n)}" for q, n in found.items())
+            + " (move the references into a hidden block; visible tests compare with literal values or properties)")
+
+
 def out_of_date(source_dir: Path, student_dir: Path) -> list[Path]:
     """The learner notebooks in ``student_dir`` that differ from what ``build`` would write (nothing runs)."""
     texts = _learner_texts(source_notebooks(source_dir), Path(student_dir))
@@ -96,8 +115,9 @@ def build(source_dir: Path, student_dir: Path, timeout: float = 600.0, jobs: int
     """Verify every exercise in ``source_dir`` and write its learner notebook to ``student_dir``.
 
     Raises ExerciseError (writing nothing) when a solution fails its tests, a stand-in or wrong variant passes a
-    hidden test, a task has too few variants, or a task header states other points than its hidden tests give or
-    than its minutes are worth.
+    hidden test, a variant's verdicts change once the cells below its task ran, a task has too few variants, the
+    learner copy holds a library implementation of a task, or a task header states other points than its hidden
+    tests give or than its minutes are worth.
     Returns the verified references by notebook name, which ``grade_folder`` accepts to skip verifying again.
     """
     sources, student_dir = source_notebooks(source_dir), Path(student_dir)
@@ -106,6 +126,8 @@ def build(source_dir: Path, student_dir: Path, timeout: float = 600.0, jobs: int
     texts = _learner_texts(sources, student_dir)  # cheap checks of every notebook's markers first
 
     def try_verify(path: Path) -> Reference | str:
+        if answers := _answers_in_learner_copy(json.loads(path.read_text(encoding="utf-8")), path.stem):
+            return answers
         try:  # the instructor's own notebooks: no sandbox needed (and none on macOS)
             reference = verify(path, Limits(timeout=timeout), use_sandbox=False, check_wrong_code=True)
         except ExerciseError as exc:

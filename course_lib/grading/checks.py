@@ -83,8 +83,10 @@ def test(question: str, hint: str = "", points: float | None = None, *, expect: 
     strings, tensors, lists and dicts of those); ``expect`` is the right result, or a no-argument function
     that computes it. Floats are compared within ``atol``/``rtol`` (see ``values.compare_values``).
 
-    When grading, the function runs in the submission's sandbox and ``expect`` only in the instructor's run:
-    keep reference implementations inside ``expect``, never in the rest of a tests cell. Give the learner's
+    When grading, the function runs in the submission's sandbox and ``expect`` only in the instructor's run. The
+    learner notebook holds the visible tests: their ``expect`` is a literal value or a property the test checks,
+    and reference implementations appear only in hidden blocks (the build refuses a learner copy that imports or
+    uses one of a task's library implementations). Give the learner's
     code copies (``.clone()``) of inputs that ``expect`` also uses, and catch only the exception a test is
     about (catching everything would also catch the stub's NotImplementedError).
     """

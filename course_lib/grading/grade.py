@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from course_lib.grading import sandbox, trivial
-from course_lib.grading.markers import (hidden_blocks, is_check_cell, is_tests_cell, solution_functions, strip_hidden,
-                                        student_notebook, wrong_variants)
+from course_lib.grading.markers import (cells_below_tests, hidden_blocks, is_check_cell, is_tests_cell,
+                                        solution_functions, strip_hidden, student_notebook, wrong_variants)
 from course_lib.grading.submissions import Submission, code_cells, learner_cells, library_uses, read_folder
 from course_lib.grading.values import compare_values, decode, difference
 
@@ -135,28 +135,39 @@ def result_problem(entry: dict) -> str:
 @dataclass
 class _WrongJob:
     """One job of the wrong-code check: for ``question``, the cell that puts ``what`` in place of the task's
-    functions (``defines``), one of its hidden tests parts, or the cell that puts the functions back."""
+    functions (``defines``), one of the question's tests parts, the notebook's cells below the question's tests,
+    or the cell that puts the functions back. ``phase`` names when a tests part runs: "place" right after the
+    definition (as ``check("qN")`` does below the task), "end" after the cells below it ran again (as grading
+    does, after the whole notebook)."""
 
     question: str
     what: str
     job: dict
     defines: bool = False
+    phase: str = ""
 
 
 def _wrong_code_jobs(tasks: dict[str, list[tuple[str | None, str]]], variants: list[tuple[str, str, str]],
-                     hidden_parts: list[str]) -> list[_WrongJob]:
-    """The jobs that run each task's hidden tests (that question only) on each trivial stand-in and wrong variant
-    of the task's functions, putting the functions back after each."""
-    replacements = [(q, f"a stand-in that {kind}", trivial.replace_source(targets, kind))
-                    for q, targets in tasks.items() for kind in trivial.STAND_INS]
-    replacements += [(q, f"the wrong variant '{label}'", trivial.save_source(tasks.get(q, [])) + "\n" + code)
-                     for q, label, code in variants]
+                     parts: list[str], visible: int, below: dict[str, list[str]]) -> list[_WrongJob]:
+    """The jobs that run each task's tests (that question only) on each trivial stand-in (hidden tests) and wrong
+    variant of the task's functions, putting the functions back after each. A variant's tests run twice: right
+    after it is defined and again after the cells below the question's tests ran with it (``below``), so that
+    the build sees whether a later cell changes what the tests see."""
+    def tests(question: str, what: str, chosen: list[str], phase: str) -> list[_WrongJob]:
+        return [_WrongJob(question, what, {"tests": without_expect(part), "only": question, "seconds": 10.0},
+                          phase=phase) for part in chosen]
+
     jobs = []
-    for question, what, cell in replacements:
-        jobs.append(_WrongJob(question, what, {"cells": [cell]}, defines=True))
-        jobs += [_WrongJob(question, what, {"tests": without_expect(part), "only": question, "seconds": 10.0})
-                 for part in hidden_parts]
-        jobs.append(_WrongJob(question, what, {"cells": [trivial.RESTORE_SOURCE]}))
+    for q, targets in tasks.items():
+        for kind in trivial.STAND_INS:
+            what = f"a stand-in that {kind}"
+            jobs += [_WrongJob(q, what, {"cells": [trivial.replace_source(targets, kind)]}, defines=True),
+                     *tests(q, what, parts[visible:], "place"), _WrongJob(q, what, {"cells": [trivial.RESTORE_SOURCE]})]
+    for q, label, code in variants:
+        what = f"the wrong variant '{label}'"
+        jobs += [_WrongJob(q, what, {"cells": [trivial.save_source(tasks.get(q, [])) + "\n" + code]}, defines=True),
+                 *tests(q, what, parts, "place"), _WrongJob(q, what, {"cells": below.get(q, [])}),
+                 *tests(q, what, parts, "end"), _WrongJob(q, what, {"cells": [trivial.RESTORE_SOURCE]})]
     return jobs
 
 
@@ -168,10 +179,11 @@ def _variant_count_problems(tasks: dict[str, list], variants: list[tuple[str, st
 
 
 def _wrong_code_problems(run: sandbox.Run, first: int, jobs: list[_WrongJob], tests: list[RefTest]) -> list[str]:
-    """What wrong code earned (one line per stand-in or variant that passed a hidden test of its task), and each
-    variant that raised when it was defined."""
+    """What wrong code earned (one line per stand-in or variant that passed a hidden test of its task), each
+    test whose verdict on a variant changes between right after the task and after the cells below it
+    (``check()`` in the notebook and grading would disagree), and each variant that raised when it was defined."""
     by_key = {(t.question, t.name): t for t in tests}
-    earned: dict[tuple[str, str], list[RefTest]] = {}
+    passed: dict[tuple[str, str, str], dict[str, bool]] = {}  # (question, what, test) -> phase -> passed
     broken = set()
     for sent, entry in run.entries:
         if sent <= first:
@@ -179,15 +191,21 @@ def _wrong_code_problems(run: sandbox.Run, first: int, jobs: list[_WrongJob], te
         job = jobs[sent - first - 1]
         if "cell_error" in entry and job.defines:
             broken.add(f"{job.question}: {job.what} raises when it is defined: {entry['cell_error']['error']}")
-        if "test" not in entry or "value" not in entry["result"]:
-            continue
-        t = by_key.get((entry["test"]["question"], entry["test"]["name"]))
-        if t and t.hidden and t.question == job.question and \
-                not compare_values(decode(entry["result"]["value"]), t.expected, t.atol, t.rtol):
-            earned.setdefault((job.question, job.what), []).append(t)
-    return [f"{q}: {what} passes {', '.join(t.name for t in passed)} "
-            f"({sum(t.points for t in passed):g} points): make the hidden tests fail it"
-            for (q, what), passed in earned.items()] + sorted(broken)
+        t = by_key.get((entry["test"]["question"], entry["test"]["name"])) if "test" in entry else None
+        if t is not None and t.question == job.question:
+            ok = "value" in entry["result"] and \
+                not compare_values(decode(entry["result"]["value"]), t.expected, t.atol, t.rtol)
+            passed.setdefault((job.question, job.what, t.name), {})[job.phase] = ok
+    earned: dict[tuple[str, str], list[RefTest]] = {}
+    for (q, what, name), phases in passed.items():
+        if by_key[(q, name)].hidden and any(phases.values()):
+            earned.setdefault((q, what), []).append(by_key[(q, name)])
+    problems = [f"{q}: {what} passes {', '.join(t.name for t in won)} ({sum(t.points for t in won):g} points): "
+                "make the hidden tests fail it" for (q, what), won in earned.items()]
+    problems += [f"{q}: with {what}, test {name} {'passes' if phases.get('place') else 'fails'} right after the "
+                 "task but not once the cells below it ran again: check() and grading would disagree"
+                 for (q, what, name), phases in passed.items() if len(set(phases.values())) > 1]
+    return problems + sorted(broken)
 
 
 def _rule_problems(reported: list[tuple[dict, bool]]) -> list[str]:
@@ -214,7 +232,8 @@ def verify(source: Path, limits: sandbox.Limits | None = None, use_sandbox: bool
     parts, visible = _test_parts(tests_cells, source)
     first_run = [{"cells": cells}, *({"tests": p} for p in parts)]
     tasks, variants = solution_functions(notebook), wrong_variants(notebook)
-    wrong_jobs = _wrong_code_jobs(tasks, variants, parts[visible:]) if check_wrong_code else []
+    wrong_jobs = _wrong_code_jobs(tasks, variants, parts, visible, cells_below_tests(notebook)) \
+        if check_wrong_code else []
     run = sandbox.run_sandboxed(first_run + [w.job for w in wrong_jobs], limits, sandbox=use_sandbox)
     mine = [(sent, e) for sent, e in run.entries if sent <= len(first_run)]
     failures = [f"cell {e['cell_error']['cell']}: {e['cell_error']['error']}" for _, e in mine

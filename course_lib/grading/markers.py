@@ -166,6 +166,28 @@ def solution_functions(notebook: dict) -> dict[str, list[tuple[str | None, str]]
     return found
 
 
+def tests_questions(source: str) -> list[str]:
+    """The questions a tests cell registers tests of (``@test("q1", ...)``, hidden blocks included), in order."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "test" and node.args and \
+                isinstance(node.args[0], ast.Constant) and node.args[0].value not in found:
+            found.append(node.args[0].value)
+    return found
+
+
+def cells_below_tests(notebook: dict) -> dict[str, list[str]]:
+    """question -> the code cells (neither tests nor check cells) below the last tests cell of that question:
+    what runs after ``check("qN")`` in the notebook and before the grader's tests."""
+    sources = [cell_source(c) for c in notebook.get("cells", []) if c.get("cell_type") == "code"]
+    below: dict[str, list[str]] = {}
+    for number, source in enumerate(sources):
+        if is_tests_cell(source):
+            for question in tests_questions(source):
+                below[question] = [s for s in sources[number + 1:] if not (is_tests_cell(s) or is_check_cell(s))]
+    return below
+
+
 def is_check_cell(source: str) -> bool:
     """True for a cell of nothing but ``check("qN")`` or ``check()`` calls (and comments)."""
     lines = [line.strip() for line in source.splitlines()]

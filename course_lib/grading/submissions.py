@@ -223,3 +223,24 @@ def library_uses(cells: list[str], template: list[str], names: dict[str, list[st
 
     return {question: hit for question, dotted in names.items()
             if (hit := [name for name in dotted if isinstance(name, str) and used(name)])}
+
+
+def library_imports(cells: list[str], names: dict[str, list[str]]) -> dict[str, list[str]]:
+    """For each question, the imports in ``cells`` that bring one of ``names[question]`` into the notebook: the
+    name itself (``from transformers import TopPLogitsWarper``) or the course_lib module that holds it
+    (``from course_lib import prompting``). Other libraries' modules (``torch.nn.functional``) hold far more than
+    a task's answer and do not count."""
+    imported = set()
+    for tree in filter(None, map(_parse, cells)):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported |= {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+
+    def brings(name: str) -> bool:
+        return name in imported or any(name.startswith(f"{module}.") and module.startswith("course_lib.")
+                                       for module in imported)
+
+    return {question: hit for question, dotted in names.items()
+            if (hit := [name for name in dotted if isinstance(name, str) and brings(name)])}
