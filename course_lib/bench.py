@@ -1,6 +1,6 @@
 """``course bench``: the course's benchmark suite in one run, printed as one markdown report.
 
-    course bench            # the full suite (about 10 minutes on 2 CPU cores)
+    course bench            # the full suite (about 15 minutes on 2 CPU cores)
     course bench --quick    # fewer tokens, repeats and requests (about a minute)
 
 Each section times its variants side by side in one interleaved run (``course_lib.timing.compare``): ratios
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 # The decoders, models and servers are imported inside run_suite: `course --help` (which reads SECTIONS) stays
 # fast, without loading transformers.
 
-SECTIONS = ("kv-cache", "fast-path", "batching", "serving", "speculative", "quantized")
+SECTIONS = ("perf-model", "kv-cache", "fast-path", "batching", "serving", "speculative", "quantized", "scale")
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,13 @@ class Settings:
     max_batch: int = 8  # places in a serving batch
     tokens_per_call: int = 8  # the compiled fast path's tokens per call
     compile: bool = True  # time the compiled fast path too (compiling takes minutes on a small CPU)
+    model_batches: tuple[int, ...] = (1, 4, 16, 64)  # the performance model's decode steps
+    sizes: int = 4  # the scale sweep's sizes: the first ones of course_lib.scale.SHAPES
+    sweep_tokens: int = 48  # new tokens per generation in the scale sweep
 
 
-QUICK = Settings(new_tokens=64, repeats=2, batch=8, requests=16, max_new=64, max_batch=4, compile=False)
+QUICK = Settings(new_tokens=64, repeats=2, batch=8, requests=16, max_new=64, max_batch=4, compile=False,
+                 model_batches=(1, 16), sizes=2, sweep_tokens=8)
 
 
 def machine_line(device: torch.device) -> str:
@@ -104,6 +108,8 @@ def run_suite(settings: Settings = Settings(), device: str | None = None, sectio
     def timed(variants, **kw) -> Comparison:
         return compare(_ticking(variants, bar), repeats=reps, device=dev, **kw)
 
+    if "perf-model" in sections:
+        parts.append(_perf_model_section({"transformers GPT-2": hf, "MiniGPT": target}, settings))
     if "kv-cache" in sections:
         table = timed({"no KV cache": lambda: hf.generate(ids, **greedy, use_cache=False),
                        "KV cache": lambda: hf.generate(ids, **greedy)}, new_tokens=n)
@@ -163,8 +169,43 @@ def run_suite(settings: Settings = Settings(), device: str | None = None, sectio
         table = timed({"fp32": lambda: hf.generate(ids, **greedy),
                        "int8 weights": lambda: int8.generate(ids, **greedy)}, new_tokens=n)
         parts.append(_section(f"Quantized weights: storyteller, generate(), {n} new tokens", table))
+    if "scale" in sections:
+        pair = fast_speculative(target, ids, draft=MiniGPT.from_hf(load_model("draft", device=dev)[0]), k=4,
+                                max_new_tokens=n)
+        draft = MiniGPT.from_hf(load_model("draft", device="cpu")[0])  # the sweep runs on the CPU
+        parts.append(_scale_section(settings, draft, pair.acceptance_rate))
     bar.close()
     return "\n".join(parts)
+
+
+def _perf_model_section(models: dict, s: Settings) -> str:
+    """The performance model's three rates, then its predictions beside the measured forwards of each model."""
+    from course_lib import perf_model
+    from course_lib.devices import model_device
+
+    device = model_device(next(iter(models.values())))
+    lines = ["### Performance model: time ~ ops x op cost + bytes / bandwidth + FLOPs / FLOP rate", "",
+             f"Bare torch op (two 8-number tensors added): {perf_model.measure_dispatch_s(device) * 1e6:.1f} us. "
+             "Each model's op cost is measured on its narrow twin (the same code with almost nothing to compute).",
+             ""]
+    for name, model in models.items():
+        machine = perf_model.measure_machine(model, repeats=s.repeats)
+        rows = perf_model.prediction_table(model, machine, s.model_batches, context=64, repeats=s.repeats)
+        lines += [f"{name}: {machine.op_s * 1e6:.1f} us per op, weights streamed at {machine.bandwidth / 1e9:.1f} "
+                  f"GB/s, matmuls at {machine.flop_rate / 1e9:.0f} GFLOP/s (64 cached tokens per row).", "",
+                  perf_model.table_markdown(rows), ""]
+    return "\n".join(lines)
+
+
+def _scale_section(s: Settings, draft: MiniGPT, acceptance: float) -> str:
+    """Speed against model size (random GPT-2-shaped weights, CPU): where each technique starts to pay."""
+    from course_lib.scale import SHAPES, sweep, sweep_markdown
+
+    rows = sweep(SHAPES[:s.sizes], new_tokens=s.sweep_tokens, repeats=s.repeats, compile=s.compile, draft=draft,
+                 acceptance=acceptance)
+    return (f"### Scale: GPT-2-shaped models with random weights, CPU, batch 1, {s.sweep_tokens} new tokens\n\n"
+            f"{sweep_markdown(rows)} Speculative decoding is the formula's prediction with the bundled draft's step "
+            f"cost against each size's (c) and the bundled pair's acceptance rate {acceptance:.3f}, k = 4.\n")
 
 
 def _serving_section(target: MiniGPT, hf, tokenizer, s: Settings, bar) -> str:

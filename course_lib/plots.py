@@ -320,3 +320,25 @@ def token_logprob_bars(tokens, logprobs, ax=None, title: str | None = None):
     ax.set_title(title or f"total {sum(logprobs):.2f} nats")
     ax.figure.tight_layout()
     return ax
+
+
+def roofline(bandwidth: float, flop_rate: float, points: dict[str, tuple[float, float]], ax=None,
+             title: str | None = None):
+    """The roofline: attainable FLOP/s = min(flop_rate, bandwidth x intensity) against arithmetic intensity
+    (FLOPs per byte read), both axes logarithmic, and ``points`` (label -> (intensity, measured FLOP/s))."""
+    ax = _axes(ax, figsize=(6.5, 3.8))
+    intensities = [i for i, _ in points.values()]
+    low, high = min(intensities + [flop_rate / bandwidth]) / 4, max(intensities + [flop_rate / bandwidth]) * 4
+    xs = [low * (high / low) ** (k / 99) for k in range(100)]
+    ax.plot(xs, [min(flop_rate, bandwidth * x) / 1e9 for x in xs], color="black", lw=1.5,
+            label=f"roof: {bandwidth / 1e9:.0f} GB/s, {flop_rate / 1e9:.0f} GFLOP/s")
+    for (label, (intensity, rate)), marker in zip(points.items(), MARKERS * len(points)):
+        ax.scatter(intensity, rate / 1e9, marker=marker, zorder=3, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOPs per byte read)")
+    ax.set_ylabel("GFLOP/s")
+    ax.set_title(title or "roofline: what bounds each forward")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.figure.tight_layout()
+    return ax

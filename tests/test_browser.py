@@ -432,5 +432,5 @@ def test_a_learner_runs_a_fresh_exercise_then_checks_a_first_attempt(notebook_pa
         page.driver.switch_to.active_element.send_keys(Keys.SHIFT + Keys.ENTER)
     feedback = _wait(lambda: next((o["text"] for o in page.outputs() if o["text"].startswith("q3: 1 of 2")), None),
                      60, "check('q3') to report the attempt")
-    assert "FAILED matches logits processor list" in feedback and "the result differs in" in feedback
+    assert "FAILED applies the processors in order" in feedback and "the result differs in" in feedback
     assert "Greatest" not in feedback, feedback

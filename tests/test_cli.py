@@ -59,8 +59,12 @@ def test_bench_quick_runs_every_section_and_prints_its_tables(capsys):
     assert cli.main(["bench", "--quick", "--new-tokens", "16", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[2].startswith("machine: ") and "torch threads" in out
-    for title in ("KV cache", "Fast path", "Batching", "Serving", "Speculative decoding", "Quantized weights"):
+    for title in ("Performance model", "KV cache", "Fast path", "Batching", "Serving", "Speculative decoding",
+                  "Quantized weights"):
         assert f"### {title}" in out, out
+    model_rows = re.findall(r"^\| (decode, batch \d+|prefill, 64 tokens) \| \d+ \| [\d.]+ \| [\d.]+ \|.*"
+                            r"\| ([\d.]+) \| (overhead|memory|compute) \|$", out, re.M)
+    assert [name for name, _, _ in model_rows] == ["decode, batch 1", "decode, batch 16", "prefill, 64 tokens"] * 2, out
     rows = {m[0]: (float(m[1]), float(m[2])) for m in
             re.findall(r"^\| (no KV cache|KV cache|lean step) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| ([\d.]+) \| - \| ([\d.]+)x \|",
                        out, re.M)}

@@ -98,3 +98,16 @@ def test_paged_memory_plots_blocks_in_use_against_the_padded_reservation():
     assert list(ax.lines[0].get_ydata()) == [1.0, 3.0, 1.0]
     assert list(ax.lines[1].get_ydata()) == [8.0, 8.0]
     plt.close(ax.figure)
+
+
+def test_roofline_bends_at_the_ridge_and_keeps_its_points_under_the_roof():
+    points = {"decode, batch 1": (0.5, 2e9), "decode, batch 64": (8.0, 50e9), "prefill": (24.0, 100e9)}
+    ax = plots.roofline(bandwidth=20e9, flop_rate=160e9, points=points)
+    xs, ys = ax.lines[0].get_data()
+    ridge = 160e9 / 20e9  # FLOPs per byte where memory stops being the limit
+    assert all(y == pytest.approx(min(160, 20 * x)) for x, y in zip(xs, ys))
+    assert xs[0] < min(i for i, _ in points.values()) and xs[-1] > max(ridge, 24.0)
+    assert [t.get_text() for t in ax.get_legend().get_texts()][1:] == list(points)
+    legend = extents(ax, ax.get_legend())[0]
+    figure = ax.figure.bbox
+    assert figure.x0 <= legend.x0 and legend.x1 <= figure.x1
