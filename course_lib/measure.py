@@ -139,14 +139,6 @@ def decode_time_breakdown(step: Callable[[], Any], repeats: int = 20, threads: i
             "outside torch ops": max(0.0, wall - all_ops) / repeats}
 
 
-def copy_bandwidth_gbs(n_bytes: int = 2**28, repeats: int = 5) -> float:
-    """Measured memory bandwidth (GB/s) of a large tensor copy: each byte is read once and written once."""
-    src = torch.ones(n_bytes // 4)
-    dst = torch.empty_like(src)
-    result = benchmark(lambda: dst.copy_(src), name="copy", repeats=repeats, bytes_moved=2 * src.nbytes)
-    return result.gb_per_s
-
-
 # ----------------------------------------------------------------------------- what a cache and a batch buy
 
 
