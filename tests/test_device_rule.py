@@ -26,7 +26,8 @@ import pytest
 import torch
 from torch import nn
 import course_lib
-from course_lib import batching, ensembles, fastpath, finetune, measure, metrics, minigpt, prefix_cache, prompting, train
+from course_lib import batching, ensembles, fastpath, finetune, measure, metrics, minigpt, perf_model, prefix_cache, prompting
+from course_lib import train
 from course_lib import paged_kv, serving, widgets
 from course_lib.decoding import contrastive, diverse, fast, loop, sampling, search, speculative, steps
 from course_lib.decoding.processors import RepetitionPenalty
@@ -173,6 +174,9 @@ CASES: dict[str, Case] = {
         stop_at=lambda s: (measure, "greedy_no_sync"),
         why="the ids are moved once, outside the timed calls; then each timed run validates the token values "
             "(a host sync) on the moved tensors, and meta tensors cannot be read: check the hand-off"),
+    # the performance model builds its own token ids, on the model's device
+    "perf_model.decode_step_counts": Case(lambda s: perf_model.decode_step_counts(s.model, 2, 4)),
+    "perf_model.prefill_counts": Case(lambda s: perf_model.prefill_counts(s.model, 2, 4)),
     # prompting: tokens built from text
     "prompting.next_token_distribution": Case(
         lambda s: prompting.next_token_distribution(s.model, s.tokenizer, ["Once upon a time", "A dog"])),
@@ -212,6 +216,11 @@ CASES: dict[str, Case] = {
 
 # Public callables that take a model but no token tensors, or that are exempt from the rule, and why.
 NOT_ENTRY_POINTS: dict[str, str] = {
+    "perf_model.narrow_twin": "no tokens: a model of the same code, made on the model's device",
+    "perf_model.measure_op_s": "no tokens of the caller: times decode_step_counts (a case) on the narrow twin",
+    "perf_model.measure_machine": "no tokens of the caller: measure_op_s, then rates measured on the model's device",
+    "perf_model.prediction_table": "no tokens of the caller: decode_step_counts and prefill_counts (both cases)",
+    "scale.int8_dynamic": "no tokens: converts the nn.Linear layers of a copy",
     "devices.model_device": "the rule's own helper",
     "devices.to_model_device": "the rule's own helper",
     "decoding.steps.new_cache": "no tokens: an empty cache sized from the config",
