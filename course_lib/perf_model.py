@@ -17,7 +17,6 @@ small ops, a large one by streaming its weights from memory, a large batch or a 
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -27,11 +26,11 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from course_lib.checks import check_arg, is_integer
 from course_lib.decoding import decode_step, new_cache, prefill
-from course_lib.devices import model_device, synchronize
+from course_lib.devices import model_device
 from course_lib.kv_cache import measured_bytes
 from course_lib.minigpt import MiniGPT
 from course_lib.models import check_fits
-from course_lib.timing import weight_bytes
+from course_lib.timing import benchmark, weight_bytes
 
 
 @dataclass(frozen=True)
@@ -83,18 +82,9 @@ def predict(machine: Machine, counts: Counts) -> Prediction:
 
 
 def fastest_s(fn: Callable[[], object], repeats: int = 5, device: torch.device | str = "cpu") -> float:
-    """The fastest of ``repeats`` timed calls of ``fn`` after one warm-up call (seconds): the machine's own cost,
-    with as little of other programs' interference as one run can get."""
-    check_arg("repeats", repeats, is_integer(repeats) and repeats >= 1, "an integer >= 1")
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    """The fastest of ``repeats`` timed calls of ``fn`` after one warm-up call (seconds, the course timer): the
+    machine's own cost, with as little of other programs' interference as one run can get."""
+    return benchmark(fn, repeats=repeats, device=device).min_s
 
 
 def measure_dispatch_s(device: torch.device | str = "cpu", ops: int = 2000, repeats: int = 5) -> float:
