@@ -29,8 +29,8 @@ def with_precision(model: nn.Module, precision: str | torch.dtype) -> nn.Module:
         raise ValueError(f"unsupported precision {precision!r}; allowed: fp32, bf16, fp16 (GPU only)")
     device = model_device(model)
     if dtype == torch.float16 and device.type != "cuda":
-        raise ValueError(f"fp16 needs a GPU: CPUs have no fast fp16 matmul and the model sits on {device}; "
-                         "use 'bf16' on the CPU")
+        raise ValueError(f"fp16 needs a GPU: torch's CPU matmuls have no fast fp16 path on most CPUs, and the "
+                         f"model sits on {device}; use 'bf16' on the CPU")
     return copy.deepcopy(model).to(dtype)
 
 

@@ -378,7 +378,7 @@ NOTEBOOKS = {
         "# Setup: installs the course's library", "from course_lib.kv_cache import", "hf_model, tokenizer = load_model",
         "plots.kv_memory(", "KNOWN_MODELS = {")),
     "12_inference_optimization.ipynb": Case(_optimization, widgets=True, timeout=300, cells=(
-        "# Setup: installs the course's library", "from course_lib.quantize import", 'draft, _ = load_model("draft"',
+        "# Setup: installs the course's library", "from course_lib.quantize import", 'model, tokenizer = load_model("storyteller"',
         "decode_time_breakdown(step", "conv = model.transformer.h[0].mlp.c_fc", "def show_quantization")),
 }
 
