@@ -24,6 +24,7 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from course_lib.minigpt import MiniGPT
 from course_lib.paged_kv import PagedKVCache
 
 POLICIES = ("one-at-a-time", "static", "continuous")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -122,10 +124,12 @@ class ServeResult:
     policy: str
     max_batch: int
     outputs: dict[int, list[int]]  # request id -> its new tokens
-    finish_s: dict[int, float]  # request id -> seconds from the start until its last token
+    finish_s: dict[int, float]  # request id -> seconds from the start until its result comes back
     seconds: float
     occupancy: list[list[int | None]] = field(default_factory=list)  # per step: the request in each batch slot
     kv_bytes: list[int] = field(default_factory=list)  # per step: bytes of the paged blocks in use
+    first_token_s: dict[int, float] = field(default_factory=dict)  # request id -> when its first token was made
+    last_token_s: dict[int, float] = field(default_factory=dict)  # request id -> when its last token was made
 
     @property
     def new_tokens(self) -> int:
@@ -144,6 +148,37 @@ class ServeResult:
     def p95_latency_s(self) -> float:
         times = sorted(self.finish_s.values())
         return times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
+
+    @property
+    def mean_ttft_s(self) -> float:
+        """Time to first token: mean seconds from the start (every request arrives at 0) to a request's first
+        token, as a streaming server would send it."""
+        if not self.first_token_s:
+            raise ValueError(f"the {self.policy!r} run recorded no token times (only serve() records them)")
+        return sum(self.first_token_s.values()) / len(self.first_token_s)
+
+    @property
+    def mean_tpot_s(self) -> float:
+        """Time per output token after the first: mean over requests of (last - first token) / (tokens - 1)."""
+        gaps = [(self.last_token_s[i] - self.first_token_s[i]) / (len(out) - 1)
+                for i, out in self.outputs.items() if len(out) > 1 and i in self.first_token_s]
+        if not gaps:
+            raise ValueError(f"the {self.policy!r} run recorded no request with two or more timed tokens")
+        return sum(gaps) / len(gaps)
+
+
+def admit(places: list[object | None], waiting: Sequence[T], policy: str) -> list[tuple[int, T]]:
+    """The scheduler's admission plan for one step: which waiting requests take which free places, as
+    (place, request) pairs, first come first served, lowest free place first. Changes nothing itself.
+
+    "continuous" fills every free place now; "static" and "one-at-a-time" admit only into an empty batch (a
+    batch starts together). ``places`` holds the request running in each batch place, None where it is free.
+    """
+    check_arg("policy", policy, policy in POLICIES, f"one of {', '.join(map(repr, POLICIES))}")
+    if policy != "continuous" and any(p is not None for p in places):
+        return []
+    free = [i for i, p in enumerate(places) if p is None]
+    return list(zip(free, waiting))  # zip stops at the shorter: no more requests than free places
 
 
 @torch.inference_mode()
@@ -170,22 +205,22 @@ def serve(model: MiniGPT | None, requests: list[Request], *, max_batch: int, pol
     done = lambda r: len(result.outputs[r.id]) == r.max_new_tokens  # noqa: E731
     start = time.perf_counter()
     while waiting or any(r is not None for r in slots):
-        if policy == "continuous" or all(r is None for r in slots):  # static: admit only into an empty batch
-            for place in range(max_batch):
-                if slots[place] is None and waiting:
-                    slots[place] = waiting.popleft()
-                    if cache is not None:
-                        cache.add(slots[place].id)
+        for place, r in admit(slots, waiting, policy):  # the plan, in first-come order
+            slots[place] = waiting.popleft()
+            if cache is not None:
+                cache.add(r.id)
         running = [r for r in slots if r is not None]
         batch = [(r.id, list(r.prompt) if not result.outputs[r.id] else result.outputs[r.id][-1:]) for r in running]
         # the scheduler reads the tokens (a host sync per step), to feed each one back at the next step
         next_tokens = [0] * len(batch) if w is None else ragged_forward(w, cache, ragged_batch(cache, batch)).tolist()
         result.occupancy.append([None if r is None or done(r) else r.id for r in slots])  # who made a token
+        now = time.perf_counter() - start
         for r, token in zip(running, next_tokens):
             if not done(r):  # a finished row of a static batch computed padding: its token is dropped
                 result.outputs[r.id].append(token)
+                result.first_token_s.setdefault(r.id, now)
+                result.last_token_s[r.id] = now
         result.kv_bytes.append(0 if cache is None else cache.used_bytes)
-        now = time.perf_counter() - start
         batch_over = policy != "static" or all(r is None or done(r) for r in slots)
         for place, r in enumerate(slots):
             if r is not None and done(r) and batch_over:

@@ -1,6 +1,6 @@
 """The exercise notebooks as learners and instructors get them.
 
-Every topic notebook 01-13 has an exercise. Its instructor source (exercises/instructor/, with solutions and
+Every topic notebook 01-14 has an exercise. Its instructor source (exercises/instructor/, with solutions and
 hidden tests; nbval runs it) builds the learner notebook (exercises/), which is committed: it must equal what
 `course exercises build` writes, hold no solution and no hidden test, and run to its end in a kernel with every
 check() saying the task is not attempted yet.
@@ -55,7 +55,7 @@ def _hidden_test_names(source: dict) -> set[str]:
 
 
 def test_every_topic_has_an_exercise_and_links_to_it():
-    assert len(TOPICS) == 13
+    assert len(TOPICS) == 14
     for topic in TOPICS:
         name = _exercise_name(topic)
         assert (INSTRUCTOR / name).is_file() and (LEARNER / name).is_file(), f"{topic.name} has no exercise {name}"

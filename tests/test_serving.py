@@ -8,7 +8,7 @@ import torch
 from course_lib.fastpath import fast_greedy, lean_weights
 from course_lib.minigpt import MiniGPT
 from course_lib.paged_kv import CacheFullError, PagedKVCache
-from course_lib.serving import Request, ServeResult, make_workload, ragged_batch, ragged_forward, serve
+from course_lib.serving import Request, ServeResult, admit, make_workload, ragged_batch, ragged_forward, serve
 from tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,6 +131,33 @@ def test_paged_memory_follows_the_tokens_held(mini, requests_):
                 tokens = len(r.prompt) + produced[r.id] - 1  # the last token's key is written at the next step
                 held += -(-tokens // 4)
         assert used == held * block
+
+
+def test_admission_plan_first_come_lowest_place_and_static_waits_for_an_empty_batch():
+    waiting = [10, 11, 12]
+    assert admit([None, 7, None, None], waiting, "continuous") == [(0, 10), (2, 11), (3, 12)]
+    assert admit([None, None], waiting, "continuous") == [(0, 10), (1, 11)]  # more requests than places
+    assert admit([5, None, None], waiting, "static") == []  # a batch starts together
+    assert admit([None, None], waiting, "static") == [(0, 10), (1, 11)]
+    assert admit([None], [], "continuous") == [] and waiting == [10, 11, 12]  # a plan: nothing is taken
+    with pytest.raises(ValueError, match="policy='lifo' is not allowed"):
+        admit([None], waiting, "lifo")
+
+
+def test_token_times_give_ttft_and_tpot(mini, requests_):
+    one = serve(mini, requests_, max_batch=4, policy="one-at-a-time")
+    continuous = serve(mini, requests_, max_batch=4, policy="continuous", block_size=4)
+    for run in (one, continuous):
+        for r in requests_:
+            assert 0 < run.first_token_s[r.id] <= run.last_token_s[r.id] <= run.finish_s[r.id]
+        assert run.mean_tpot_s > 0
+    order = sorted(requests_, key=lambda r: r.id)  # one at a time: a request starts after the previous has ended
+    assert all(one.first_token_s[b.id] > one.last_token_s[a.id] for a, b in zip(order, order[1:]))
+    # continuous batching starts every request of the first batch at step 1: their first tokens come together
+    first = [continuous.first_token_s[r.id] for r in order[:4]]
+    assert len(set(first)) == 1 and continuous.mean_ttft_s < one.mean_ttft_s
+    with pytest.raises(ValueError, match="recorded no token times"):
+        ServeResult("x", 1, {0: [1]}, {0: 1.0}, 1.0).mean_ttft_s
 
 
 def test_latency_figures():
