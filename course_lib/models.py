@@ -30,6 +30,7 @@ BUNDLED_MODELS: dict[str, str] = {
     "llama": "Llama architecture (RoPE, RMSNorm, SwiGLU), similar size, for ensembles",
     "draft": "GPT-2 architecture, 1 layer, several times cheaper: the draft for speculative decoding",
     "draft_distilled": "the draft's size, distilled from the storyteller: a draft that agrees with it more often",
+    "draft_long": "draft_distilled's recipe without the teacher: the control that separates distillation from length",
 }
 
 DTYPES = {

@@ -65,6 +65,9 @@ PRESETS: dict[str, TrainConfig] = {
     # draft's steps (fp32: bf16 autocast runs 13x slower than fp32 on CPUs without native bf16)
     "draft_distilled": TrainConfig(name="draft_distilled", arch="gpt2", n_layer=1, n_embd=128, n_head=2, steps=3000,
                                    lr=3e-3, teacher="storyteller", bf16=False),
+    # draft_distilled's recipe without the teacher: what the longer training alone buys (notebook 13 compares)
+    "draft_long": TrainConfig(name="draft_long", arch="gpt2", n_layer=1, n_embd=128, n_head=2, steps=3000, lr=3e-3,
+                              bf16=False),
 }
 
 
