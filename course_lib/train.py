@@ -288,7 +288,8 @@ def train_preset(corpus: Path, preset: str, out_root: Path = ASSETS_DIR, steps: 
     }
     out = out_root / "models" / cfg.name
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)  # a self-contained folder: load_model(out) refuses weights without a tokenizer
+    if out_root != ASSETS_DIR:  # a folder elsewhere must be self-contained: load_model(out) refuses it without a
+        tokenizer.save_pretrained(out)  # tokenizer; bundled models share the package's assets/tokenizer
     GenerationConfig(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=tokenizer.eos_token_id).save_pretrained(out)
     write_card(out, cfg, facts)
