@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from course_lib.checks import check_arg
+from course_lib.data import encode_prompt
 from course_lib.devices import device_name, get_device
 from course_lib.timing import Comparison, compare
 
@@ -94,7 +95,7 @@ def run_suite(settings: Settings = Settings(), device: str | None = None, sectio
     dev = get_device(device)
     hf, tokenizer = load_model("storyteller", device=dev)
     target = MiniGPT.from_hf(hf)  # the same weights, for the course's own loops
-    ids = tokenizer("Once upon a time, a little fox", return_tensors="pt").input_ids.to(dev)  # (1, 8)
+    ids = torch.tensor([encode_prompt(tokenizer, "Once upon a time, a little fox")], device=dev)  # (1, 9): BOS first
     mask = torch.ones_like(ids)
     n, reps = settings.new_tokens, settings.repeats
     check_fits(hf, ids.shape[1] + n + 4, what=f"the prompt ({ids.shape[1]} tokens) + new_tokens + 4 guesses")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -39,6 +40,25 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16,
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+class BosIsNotPadding(logging.Filter):
+    """Drop transformers' "your input_ids may be padded" warning where the pad id is the BOS id.
+
+    transformers warns when an input with no attention mask starts with the pad id, and ``generate()`` drops an
+    all-ones mask before the forward. Every course prompt starts with BOS (``course_lib.data.encode_prompt``), and
+    the bundled models' pad id is their BOS id, so there the warning is a false alarm (its own text says it may be
+    ignored then). Any other warning, and this one for a model whose pad id differs from its BOS id, still shows.
+    """
+
+    _SAME = re.compile(r"`pad_token_id` \((\d+)\) is identical to the `bos_token_id` \((\d+)\)")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = self._SAME.search(record.getMessage())
+        return not (found and found.group(1) == found.group(2))
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(BosIsNotPadding())
 
 
 class UnknownModelError(ValueError):

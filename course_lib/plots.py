@@ -334,11 +334,30 @@ def roofline(bandwidth: float, flop_rate: float, points: dict[str, tuple[float, 
             label=f"roof: {bandwidth / 1e9:.0f} GB/s, {flop_rate / 1e9:.0f} GFLOP/s")
     for (label, (intensity, rate)), marker in zip(points.items(), MARKERS * len(points)):
         ax.scatter(intensity, rate / 1e9, marker=marker, zorder=3, label=label)
+    return _log_log(ax, "arithmetic intensity (FLOPs per byte read)", "GFLOP/s",
+                    title or "roofline: what bounds each forward")
+
+
+def scale_sweep(rows, bandwidth: float | None = None, ax=None, title: str | None = None):
+    """Tokens/s of each variant against the fp32 weight bytes of each size (``course_lib.scale.SizeRow``s), both
+    axes logarithmic; with ``bandwidth`` (bytes/s) also the memory-bound ceiling bandwidth / fp32 bytes."""
+    ax = _axes(ax, figsize=(6.5, 3.8))
+    megabytes = [r.weight_bytes / 1e6 for r in rows]
+    for name, marker in zip(rows[0].tokens_per_s, MARKERS):
+        ax.plot(megabytes, [r.tokens_per_s[name] for r in rows], marker=marker, label=name)
+    if bandwidth is not None:
+        ax.plot(megabytes, [bandwidth / r.weight_bytes for r in rows], color="black", ls="--", lw=1,
+                label=f"fp32 weights read once per token at {bandwidth / 1e9:.0f} GB/s")
+    return _log_log(ax, "fp32 weight MB (model size)", "new tokens/s", title or "speed against model size, batch 1")
+
+
+def _log_log(ax, xlabel: str, ylabel: str, title: str):
+    """Both axes logarithmic, labelled, and the legend right of the plot, inside the figure."""
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("arithmetic intensity (FLOPs per byte read)")
-    ax.set_ylabel("GFLOP/s")
-    ax.set_title(title or "roofline: what bounds each forward")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.figure.tight_layout()
     return ax

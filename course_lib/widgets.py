@@ -80,12 +80,14 @@ def playground(model, tokenizer, prompt: str, *, temperature: float = 0.8, top_k
     """Sliders for the sampling controls; every setting prints a seeded sample of ``prompt``'s continuation and
     draws the first next-token distribution after the controls, with the drawn token in orange."""
     import matplotlib.pyplot as plt
+    import torch
 
+    from course_lib.data import encode_prompt
     from course_lib.decoding.sampling import next_token_probs, sample, sampling_processors
     from course_lib.devices import to_model_device
     from course_lib.plots import next_token_bars
 
-    input_ids = to_model_device(model, tokenizer(prompt, return_tensors="pt").input_ids)  # (1, T), moved once
+    input_ids = to_model_device(model, torch.tensor([encode_prompt(tokenizer, prompt)]))  # (1, T): BOS first, moved once
 
     def render(temperature, top_k, top_p, repetition_penalty, seed, max_new_tokens):
         controls = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)

@@ -131,3 +131,27 @@ def test_heldout_stories_are_not_training_stories():
     stories = heldout_stories()
     assert len(stories) == SHIPPED_HELDOUT_STORIES
     assert all("<|endoftext|>" not in s and len(s) > 100 for s in stories)
+
+
+@pytest.mark.parametrize("pad_id, shown", [(0, False), (7, True)], ids=["pad is BOS", "pad is another token"])
+def test_the_may_be_padded_warning_is_dropped_only_where_pad_is_bos(pad_id, shown):
+    """Every course prompt starts with BOS; where BOS is the pad id, transformers' padding warning is a false alarm."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+    from tiny_models import make_tiny_model
+
+    model = make_tiny_model("gpt2")
+    model.config.pad_token_id = pad_id
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    parent = logging.getLogger("transformers")
+    parent.addHandler(handler)
+    try:
+        hf_logging.get_logger("x").warning_once.cache_clear()  # warning_once would stay silent after a first time
+        model.warn_if_padding_and_no_attention_mask(torch.tensor([[pad_id, 5, 6]]), None)
+    finally:
+        parent.removeHandler(handler)
+    padded = [r for r in records if "may be padded" in r.getMessage()]
+    assert len(padded) == int(shown)

@@ -111,3 +111,19 @@ def test_roofline_bends_at_the_ridge_and_keeps_its_points_under_the_roof():
     legend = extents(ax, ax.get_legend())[0]
     figure = ax.figure.bbox
     assert figure.x0 <= legend.x0 and legend.x1 <= figure.x1
+
+
+def test_scale_sweep_draws_each_variant_and_the_memory_ceiling():
+    from course_lib.scale import SHAPES, SizeRow
+
+    rows = [SizeRow(SHAPES[0], 3_500_000, 14_000_000, {"fp32": 400.0, "int8 kernel": 450.0}),
+            SizeRow(SHAPES[2], 124_000_000, 496_000_000, {"fp32": 20.0, "int8 kernel": 45.0})]
+    ax = plots.scale_sweep(rows, bandwidth=24e9)
+    fp32, int8, ceiling = ax.lines
+    assert list(fp32.get_xdata()) == [14.0, 496.0] and list(int8.get_ydata()) == [450.0, 45.0]
+    assert list(ceiling.get_ydata()) == pytest.approx([24e9 / 14e6, 24e9 / 496e6])  # tokens/s if only bytes counted
+    assert [t.get_text() for t in ax.get_legend().get_texts()][:2] == ["fp32", "int8 kernel"]
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    legend = extents(ax, ax.get_legend())[0]
+    assert ax.figure.bbox.x0 <= legend.x0 and legend.x1 <= ax.figure.bbox.x1
+    plt.close(ax.figure)

@@ -6,7 +6,7 @@ import torch
 from tiny_models import make_tiny_model
 
 from course_lib.models import load_tokenizer
-from course_lib.data import encode_prompt
+from course_lib.data import encode_prompt, encode_prompts
 from course_lib.models import ContextLengthError, context_window
 from course_lib.prompting import (complete, continuation_logprob, continuation_logprobs, few_shot_prompt,
                                   next_token_distribution)
@@ -20,6 +20,19 @@ def tokenizer():
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def model(request):
     return make_tiny_model(request.param, vocab_size=4096)  # the bundled tokenizer's vocabulary
+
+
+def test_prompts_start_with_bos_and_are_left_padded_as_the_tokenizer_pads_them(tokenizer):
+    ids, mask = encode_prompts(tokenizer, ["Once upon a time", "Tom"])
+    long, short = ([tokenizer.bos_token_id] + tokenizer(p)["input_ids"] for p in ("Once upon a time", "Tom"))
+    pad = len(long) - len(short)
+    assert ids.tolist() == [long, [tokenizer.pad_token_id] * pad + short]
+    assert mask.tolist() == [[1] * len(long), [0] * pad + [1] * len(short)]
+    assert encode_prompts(tokenizer, "Tom")[0].tolist() == [short]
+    # the notebooks' transformers idiom gives the same rows: BOS as text, then the tokenizer's own left padding
+    batch = tokenizer([tokenizer.bos_token + p for p in ("Once upon a time", "Tom")], return_tensors="pt",
+                      padding=True)
+    assert torch.equal(batch.input_ids, ids) and torch.equal(batch.attention_mask, mask)
 
 
 def test_continuation_logprob_is_sum_of_log_softmax(model, tokenizer):

@@ -134,9 +134,11 @@ def test_playground_static_output_is_the_seeded_sample(tiny_gpt2, capsys, monkey
 
     monkeypatch.setenv("COURSE_STATIC", "1")
 
-    class CharTokenizer:  # ids 1..96 as printable characters: enough for the tiny model's vocabulary
-        def __call__(self, text, return_tensors=None):
-            return type("Batch", (), {"input_ids": torch.tensor([[ord(c) - 31 for c in text]])})()
+    class CharTokenizer:  # ids 1..96 as printable characters, 0 the start token: enough for the tiny model
+        bos_token_id = 0
+
+        def __call__(self, text):
+            return {"input_ids": [ord(c) - 31 for c in text]}
 
         def decode(self, ids, skip_special_tokens=False):
             return "".join(chr(int(i) + 31) for i in ids if int(i) > 0)
@@ -144,5 +146,6 @@ def test_playground_static_output_is_the_seeded_sample(tiny_gpt2, capsys, monkey
     tokenizer = CharTokenizer()
     playground(tiny_gpt2, tokenizer, "Hello", temperature=1.5, top_k=8, seed=4, max_new_tokens=6)
     printed = capsys.readouterr().out
-    expected = sample(tiny_gpt2, tokenizer("Hello").input_ids, max_new_tokens=6, temperature=1.5, top_k=8, seed=4).sequences
+    prompt = torch.tensor([[0] + tokenizer("Hello")["input_ids"]])  # (1, 6): the start token first, as every prompt
+    expected = sample(tiny_gpt2, prompt, max_new_tokens=6, temperature=1.5, top_k=8, seed=4).sequences
     assert "T=1.50 top_k=8" in printed and tokenizer.decode(expected[0]) in printed

@@ -7,8 +7,10 @@ matplotlib.use("Agg")  # before pyplot: draw off-screen, whatever the machine ha
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 
+from course_lib.data import encode_prompt  # noqa: E402
 from course_lib.decoding.sampling import sample  # noqa: E402
 from course_lib.plots import token_label  # noqa: E402
 from course_lib.widgets import Choice, Slider, playground, widgets_available  # noqa: E402
@@ -33,7 +35,7 @@ def test_playground_chart_shows_the_drawn_token_and_only_possible_ones(storytell
     assert not widgets_available(), "this test checks the static drawing (COURSE_STATIC=1)"
     model, tokenizer = storyteller
     playground(model, tokenizer, PROMPT, max_new_tokens=2, **settings)
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    ids = torch.tensor([encode_prompt(tokenizer, PROMPT)])  # (1, T): BOS first, as the playground encodes it
     drawn = int(sample(model, ids, max_new_tokens=2, **settings).sequences[0, ids.shape[1]])
     (figure,) = shown
     ax = figure.axes[0]
