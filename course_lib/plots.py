@@ -343,7 +343,7 @@ def scale_sweep(rows, bandwidth: float | None = None, ax=None, title: str | None
     axes logarithmic; with ``bandwidth`` (bytes/s) also the memory-bound ceiling bandwidth / fp32 bytes."""
     ax = _axes(ax, figsize=(6.5, 3.8))
     megabytes = [r.weight_bytes / 1e6 for r in rows]
-    for name, marker in zip(rows[0].tokens_per_s, MARKERS):
+    for name, marker in zip(rows[0].tokens_per_s, MARKERS * len(rows[0].tokens_per_s)):  # every variant drawn
         ax.plot(megabytes, [r.tokens_per_s[name] for r in rows], marker=marker, label=name)
     if bandwidth is not None:
         ax.plot(megabytes, [bandwidth / r.weight_bytes for r in rows], color="black", ls="--", lw=1,
